@@ -1,0 +1,1 @@
+"""RaPTr: random-path progressive subnetwork training for Megatron-Core."""
