@@ -1,0 +1,104 @@
+"""Megatron-Core integration: a transformer layer that is the identity off the path.
+
+Use ``get_gpt_raptr_layer_spec()`` (or ``raptr_layer_spec(spec)`` on any
+TransformerLayer spec) when building the model, then call ``set_path(model, path)``
+once per training iteration. An off-path layer returns its input: no forward, no
+backward, no saved activations. In eval mode every layer runs, unscaled.
+"""
+
+import dataclasses
+from typing import Dict, List, Sequence, Union
+
+import torch
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_raptr.ddp import RaptrDistributedDataParallel
+from megatron_raptr.sampler import Path
+
+
+class RaptrTransformerLayer(TransformerLayer):
+    """A TransformerLayer gated by the step's path: y = x + z * s * (layer(x) - x)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raptr_active = True
+        self.raptr_scale = 1.0
+
+    def forward(self, *args, **kwargs):
+        if not self.training:
+            return super().forward(*args, **kwargs)
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if not self.raptr_active:
+            return hidden_states, kwargs.get("context")
+        output, context = super().forward(*args, **kwargs)
+        if self.raptr_scale != 1.0:
+            output = torch.lerp(hidden_states, output, self.raptr_scale)
+        return output, context
+
+
+def raptr_layer_spec(spec: ModuleSpec) -> ModuleSpec:
+    """The same layer spec with RaptrTransformerLayer as its module."""
+    if not (isinstance(spec.module, type) and issubclass(spec.module, TransformerLayer)):
+        raise TypeError(f"RaPTr gates TransformerLayer specs, got a spec of {spec.module!r}")
+    return dataclasses.replace(spec, module=RaptrTransformerLayer)
+
+
+def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, **kwargs) -> ModuleSpec:
+    """Megatron's GPT layer spec (Transformer Engine when installed, else local) gated by RaPTr."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine is None:
+        use_transformer_engine = gpt_layer_specs.HAVE_TE
+    if use_transformer_engine:
+        return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs))
+    return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_local_spec(**kwargs))
+
+
+ModelChunks = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+
+
+def raptr_layers(model: ModelChunks) -> List[RaptrTransformerLayer]:
+    """This rank's RaPTr layers, in model order."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, RaptrTransformerLayer)]
+
+
+class PathSetter:
+    """Applies a Path to a model's layers (and its DDP wrappers) once per iteration.
+
+    Finds the layers once, so the per-step cost is a loop over this rank's layers.
+    """
+
+    def __init__(self, model: ModelChunks):
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.layers: Dict[torch.nn.Module, List[RaptrTransformerLayer]] = {
+            chunk: raptr_layers(chunk) for chunk in self.chunks
+        }
+        if not any(self.layers.values()):
+            raise ValueError("the model has no RaptrTransformerLayer: build it with get_gpt_raptr_layer_spec()")
+        for chunk in self.chunks:
+            overlapped = isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.overlap_grad_reduce
+            if overlapped and not isinstance(chunk, RaptrDistributedDataParallel):
+                raise TypeError(
+                    "--overlap-grad-reduce with RaPTr needs RaptrDistributedDataParallel: Megatron's DDP "
+                    "waits forever for gradients of skipped layers"
+                )
+
+    def __call__(self, path: Path) -> None:
+        active = set(path.active)
+        for chunk, layers in self.layers.items():
+            skipped = []
+            for layer in layers:
+                layer.raptr_active = layer.layer_number in active
+                layer.raptr_scale = path.scales.get(layer.layer_number, 1.0)
+                if not layer.raptr_active:
+                    skipped.extend(p for p in layer.parameters() if p.requires_grad)
+            if isinstance(chunk, RaptrDistributedDataParallel):
+                chunk.set_skipped_parameters(skipped)
+
+
+def set_path(model: ModelChunks, path: Path) -> None:
+    """One-off form of PathSetter; training loops should keep a PathSetter."""
+    PathSetter(model)(path)
