@@ -1,0 +1,177 @@
+"""Command line of pretrain_raptr.py: Megatron-LM's flag names plus the --raptr-* group."""
+
+import argparse
+from typing import List, Optional
+
+from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
+from megatron_raptr.training import data
+
+
+def _add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--num-layers", type=int, required=True)
+    group.add_argument("--hidden-size", type=int, required=True)
+    group.add_argument("--num-attention-heads", type=int, required=True)
+    group.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    group.add_argument("--seq-length", type=int, required=True)
+    group.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    group.add_argument("--hidden-dropout", type=float, default=0.1)
+    group.add_argument("--attention-dropout", type=float, default=0.1)
+    group.add_argument("--init-method-std", type=float, default=0.02)
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    group.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    group.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    group.add_argument("--swiglu", action="store_true")
+    group.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+
+
+def _add_parallel_args(parser):
+    group = parser.add_argument_group("parallelism")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--overlap-grad-reduce", action="store_true")
+    group.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    group.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    group.add_argument("--recompute-num-layers", type=int, default=1)
+    group.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+
+def _add_training_args(parser):
+    group = parser.add_argument_group("training")
+    group.add_argument("--micro-batch-size", type=int, required=True)
+    group.add_argument("--global-batch-size", type=int, default=None, help="default: micro x data-parallel size")
+    group.add_argument("--train-iters", type=int, required=True)
+    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--bf16", action="store_true")
+    group.add_argument("--fp16", action="store_true")
+    group.add_argument("--lr", type=float, required=True)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"],
+                       default="linear")
+    group.add_argument("--lr-warmup-iters", type=int, default=0)
+    group.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--clip-grad", type=float, default=1.0)
+    group.add_argument("--adam-beta1", type=float, default=0.9)
+    group.add_argument("--adam-beta2", type=float, default=0.999)
+    group.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def _add_logging_args(parser):
+    group = parser.add_argument_group("checkpointing, evaluation and logging")
+    group.add_argument("--save", default=None)
+    group.add_argument("--load", default=None)
+    group.add_argument("--save-interval", type=int, default=None)
+    group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument("--eval-interval", type=int, default=1000)
+    group.add_argument("--eval-iters", type=int, default=10)
+    group.add_argument("--log-interval", type=int, default=100)
+    group.add_argument("--tensorboard-dir", default=None)
+    group.add_argument("--metrics-file", default=None, help="JSON lines of train and eval records")
+
+
+def _add_raptr_args(parser):
+    group = parser.add_argument_group("RaPTr")
+    group.add_argument("--raptr-schedule", default=None,
+                       help="comma-separated LENGTH@START stages; START an iteration or a fraction of "
+                            "--train-iters, e.g. 6@0,8@0.25,10@0.5,12@0.75. Without it: full-model baseline")
+    group.add_argument("--raptr-fixed-layers", type=int, nargs="*", default=None,
+                       help="1-based layers always on the path (default: first and last)")
+    group.add_argument("--raptr-sampling", choices=SAMPLING_MODES, default="bernoulli")
+    group.add_argument("--raptr-scaling", choices=SCALING_RULES, default="inverse-keep",
+                       help="multiplier of a kept layer's residual update during training")
+    group.add_argument("--raptr-verify-sync", type=int, default=0, metavar="N",
+                       help="every N iterations check that all ranks train the same path (0: never)")
+    group.add_argument("--raptr-stage-warmup-iters", type=int, default=0,
+                       help="re-warm the learning rate linearly over this many iterations at each stage boundary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="RaPTr GPT pretraining on Megatron-Core", allow_abbrev=False)
+    _add_model_args(parser)
+    _add_parallel_args(parser)
+    _add_training_args(parser)
+    _add_logging_args(parser)
+    _add_raptr_args(parser)
+    data.add_data_args(parser)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argparse.Namespace:
+    """Parses and validates everything that can be checked before any work starts."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args, world_size)
+        data.validate_data_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """Fills derived defaults and raises ValueError naming the offending flag."""
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1 or world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+            f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size {args.pipeline_model_parallel_size}"
+        )
+    args.world_size = world_size
+    args.data_parallel_size = world_size // model_parallel
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                 "train_iters", "log_interval", "eval_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                         f"{args.num_attention_heads}")
+    if args.num_attention_heads % args.tensor_model_parallel_size:
+        raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
+                         f"{args.pipeline_model_parallel_size}")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 are exclusive")
+    if args.overlap_grad_reduce and args.data_parallel_size == 1:
+        args.overlap_grad_reduce = False  # nothing to overlap with
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if args.max_position_embeddings < args.seq_length:
+        raise ValueError(f"--max-position-embeddings {args.max_position_embeddings} is shorter than "
+                         f"--seq-length {args.seq_length}")
+    micro_batches_per_step = args.micro_batch_size * args.data_parallel_size
+    args.global_batch_size = args.global_batch_size or micro_batches_per_step
+    if args.global_batch_size % micro_batches_per_step:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                         f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
+    args.num_microbatches = args.global_batch_size // micro_batches_per_step
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save")
+    for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
+    if args.metrics_file and args.metrics_file == args.tensorboard_dir:
+        raise ValueError("--metrics-file and --tensorboard-dir must differ")
+    if args.tensorboard_dir:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
+    args.raptr = build_schedule(args)
+
+
+def build_schedule(args: argparse.Namespace) -> RaptrSchedule:
+    """The run's schedule; without --raptr-schedule the full model at every step (the baseline)."""
+    if args.raptr_schedule is None:
+        return RaptrSchedule.full_model(args.num_layers)
+    return RaptrSchedule.parse(
+        args.raptr_schedule, args.num_layers, args.train_iters,
+        fixed_layers=args.raptr_fixed_layers, sampling=args.raptr_sampling, scaling=args.raptr_scaling,
+    )

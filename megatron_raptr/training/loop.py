@@ -1,0 +1,235 @@
+"""The pretraining loop: Megatron-Core's schedules, one RaPTr path per global step."""
+
+import argparse
+import os
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_raptr.flops import schedule_flops_fraction, step_flops
+from megatron_raptr.hooks import StageHook, default_hooks
+from megatron_raptr.layer import PathSetter
+from megatron_raptr.layout import pipeline_layout
+from megatron_raptr.sampler import PathSampler
+from megatron_raptr.sync import verify_path_sync
+from megatron_raptr.training import checkpointing, data
+from megatron_raptr.training.arguments import parse_args
+from megatron_raptr.training.initialize import current_device, initialize_distributed
+from megatron_raptr.training.metrics import MetricsWriter, perplexity
+from megatron_raptr.training.model import build_model, build_optimizer, padded_vocab_size, transformer_config
+from megatron_raptr.training.tokenizer import build_tokenizer
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides model, optimizer and LR schedule."""
+
+    iteration: int = 0  # completed steps; the next step trains sampler.path(iteration)
+    consumed_samples: int = 0
+    cumulative_flops: float = 0.0
+    elapsed_s: float = 0.0  # training time, carried across restarts
+
+
+def log(message: str) -> None:
+    """Prints on the last rank, which holds the losses (as Megatron-LM's print_rank_last)."""
+    if dist.get_rank() == dist.get_world_size() - 1:
+        print(message, flush=True)
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    batch = {key: value.to(current_device()) for key, value in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach()}
+
+
+def _mean_loss(losses: Sequence[dict]) -> Optional[float]:
+    """Microbatch losses averaged over data-parallel ranks; None off the last pipeline stage."""
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    loss = torch.stack([item["lm loss"] for item in losses]).mean()
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss.item() / parallel_state.get_data_parallel_world_size()
+
+
+class Trainer:
+    def __init__(self, args, config, model, optimizer, scheduler, vocab_size: int, hooks: List[StageHook]):
+        self.args, self.config, self.model = args, config, model
+        self.optimizer, self.scheduler, self.hooks = optimizer, scheduler, hooks
+        self.schedule = args.raptr
+        self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
+        self.set_path = PathSetter(model)
+        self.forward_backward = get_forward_backward_func()
+        self.tokens_per_step = args.global_batch_size * args.seq_length
+        self.flops = partial(step_flops, config, padded_vocab_size(vocab_size, args), args.seq_length,
+                             self.tokens_per_step)
+        self.metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir,
+                                     enabled=dist.get_rank() == dist.get_world_size() - 1)
+
+    def _schedule_kwargs(self, data_iterator, forward_only: bool) -> dict:
+        return dict(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=self.model,
+            num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
+        )
+
+    def train_step(self, state: TrainState, data_iterator) -> dict:
+        t = state.iteration
+        path = self.sampler.path(t)
+        if self.args.raptr_verify_sync and t % self.args.raptr_verify_sync == 0:
+            verify_path_sync(path, current_device())
+        self.set_path(path)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(**self._schedule_kwargs(data_iterator, forward_only=False))
+        lr_scale = 1.0
+        for hook in self.hooks:
+            lr_scale *= hook.lr_scale(self.schedule, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_scale  # the scheduler sets it afresh every step
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        flops = self.flops(len(path.active))
+        state.iteration += 1
+        state.consumed_samples += self.args.global_batch_size
+        state.cumulative_flops += flops
+        return dict(
+            iteration=state.iteration, stage=path.stage, path_length=len(path.active),
+            active_layers=list(path.active), lm_loss=_mean_loss(losses), lr=lr,
+            grad_norm=None if grad_norm is None else float(grad_norm), tokens=self.tokens_per_step,
+            step_flops=flops, cumulative_flops=state.cumulative_flops,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, valid_dataset) -> Optional[float]:
+        """Validation loss of the full model (eval mode runs every layer, unscaled)."""
+        for chunk in self.model:
+            chunk.eval()
+        iterator = data.build_data_iterator(
+            valid_dataset, self.args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(), consumed_samples=0,
+        )
+        losses = []
+        for _ in range(self.args.eval_iters):
+            losses.extend(self.forward_backward(**self._schedule_kwargs(iterator, forward_only=True)))
+        for chunk in self.model:
+            chunk.train()
+        return _mean_loss(losses)
+
+    def train(self, state: TrainState, train_dataset, valid_dataset) -> Optional[float]:
+        args = self.args
+        data_iterator = data.build_data_iterator(
+            train_dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(), consumed_samples=state.consumed_samples,
+        )
+        for chunk in self.model:
+            chunk.train()
+        started = time.perf_counter() - state.elapsed_s
+        interval_start, interval_steps = time.perf_counter(), 0
+        stage = None
+        val_loss = None
+        while state.iteration < args.train_iters:
+            new_stage = self.schedule.stage_index(state.iteration)
+            if new_stage != stage:
+                stage = new_stage
+                for hook in self.hooks:
+                    hook.on_stage_start(self.schedule, stage, state.iteration)
+                log(f"entering stage {stage} at iteration {state.iteration}: "
+                    f"path length {self.schedule.stages[stage].length:g} of {self.schedule.num_layers}")
+            record = self.train_step(state, data_iterator)
+            state.elapsed_s = record["elapsed_s"] = time.perf_counter() - started
+            self.metrics.train(record)
+            interval_steps += 1
+            if state.iteration % args.log_interval == 0:
+                self._log_progress(record, (time.perf_counter() - interval_start) / interval_steps)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters:
+                val_loss = self._evaluate_and_report(state, valid_dataset)
+            if args.save and (state.iteration == args.train_iters or
+                              (args.save_interval and state.iteration % args.save_interval == 0)):
+                self.save(state)
+        self.metrics.close()
+        return val_loss
+
+    def _evaluate_and_report(self, state: TrainState, valid_dataset) -> Optional[float]:
+        if valid_dataset is None or self.args.eval_iters == 0:
+            return None
+        loss = self.evaluate(valid_dataset)
+        if loss is not None:
+            self.metrics.eval(dict(iteration=state.iteration, val_loss=loss, val_ppl=perplexity(loss)))
+            log(f" validation (full model) at iteration {state.iteration} | lm loss: {loss:.6E} | "
+                f"lm loss PPL: {perplexity(loss):.6E}")
+        return loss
+
+    def save(self, state: TrainState) -> None:
+        checkpointing.save_checkpoint(
+            self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
+            dict(asdict(state), raptr_schedule=self.args.raptr_schedule, seed=self.args.seed),
+        )
+        log(f" saved checkpoint at iteration {state.iteration} to {self.args.save}")
+
+    def _log_progress(self, record: dict, seconds_per_step: float) -> None:
+        args = self.args
+        tflops = record["step_flops"] / seconds_per_step / args.world_size / 1e12
+        eta = (args.train_iters - record["iteration"]) * seconds_per_step
+        loss = "n/a" if record["lm_loss"] is None else f"{record['lm_loss']:.6E}"
+        grad_norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
+        log(
+            f" iteration {record['iteration']:8d}/{args.train_iters:8d} |"
+            f" consumed samples: {record['iteration'] * args.global_batch_size:12d} |"
+            f" elapsed time per iteration (ms): {seconds_per_step * 1000:.1f} |"
+            f" learning rate: {record['lr']:.6E} | lm loss: {loss} | grad norm: {grad_norm} |"
+            f" stage: {record['stage']} | path length: {record['path_length']}/{args.num_layers} |"
+            f" tokens/s: {self.tokens_per_step / seconds_per_step:.0f} |"
+            f" TFLOP/s/rank (active layers): {tflops:.3f} | ETA: {_duration(eta)}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] = None) -> Optional[float]:
+    """Runs the whole job; returns the final full-model validation loss (on the last rank)."""
+    args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
+                           args.distributed_timeout_minutes)
+    tokenizer = build_tokenizer(args)
+    config = transformer_config(args)
+    model = build_model(args, config, tokenizer.vocab_size)
+    optimizer, scheduler = build_optimizer(args, config, model)
+    state = TrainState()
+    if args.load:
+        saved = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, load_rng=not args.no_load_rng)
+        if saved is not None:
+            state = TrainState(**{key: saved[key] for key in asdict(state)})
+            log(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
+            if saved.get("raptr_schedule") != args.raptr_schedule:
+                log(f" warning: the checkpoint was trained with --raptr-schedule {saved.get('raptr_schedule')}")
+    train_dataset, valid_dataset = data.build_datasets(args, tokenizer)
+    trainer = Trainer(args, config, model, optimizer, scheduler, tokenizer.vocab_size,
+                      (hooks or []) + default_hooks(args))
+    vocab = padded_vocab_size(tokenizer.vocab_size, args)
+    log(args.raptr.describe(args.train_iters))
+    log(f"  expected model FLOPs vs full training (output layer included): "
+        f"{schedule_flops_fraction(args.raptr, args.train_iters, config, vocab, args.seq_length):.3f}")
+    val_loss = trainer.train(state, train_dataset, valid_dataset)
+    full = args.train_iters * trainer.flops(args.num_layers)
+    log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
+        f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
+    return val_loss

@@ -1,0 +1,58 @@
+"""Where training reports go: the console log, --metrics-file JSON lines and TensorBoard."""
+
+import json
+import math
+import os
+from typing import Optional
+
+
+class MetricsWriter:
+    """Writes records on one rank; every record is a flushed JSON line.
+
+    A resumed run appends, so the file keeps everything written before the restart.
+    """
+
+    def __init__(self, metrics_file: Optional[str], tensorboard_dir: Optional[str], enabled: bool):
+        self.enabled = enabled
+        self._file = None
+        self._tensorboard = None
+        if not enabled:
+            return
+        if metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            self._file = open(metrics_file, "a", encoding="utf-8")
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(tensorboard_dir)
+
+    def train(self, record: dict) -> None:
+        self._write(record)
+        if self._tensorboard:
+            step = record["iteration"]
+            for key in ("lm_loss", "lr", "grad_norm", "path_length", "stage"):
+                self._tensorboard.add_scalar(f"train/{key}", record[key], step)
+            # Loss against compute is the figure RaPTr is judged by; steps are int64, so TFLOPs.
+            tflops = int(record["cumulative_flops"] / 1e12)
+            self._tensorboard.add_scalar("train/lm_loss_vs_cumulative_tflops", record["lm_loss"], tflops)
+
+    def eval(self, record: dict) -> None:
+        self._write(record)
+        if self._tensorboard:
+            self._tensorboard.add_scalar("valid/val_loss", record["val_loss"], record["iteration"])
+            self._tensorboard.add_scalar("valid/val_ppl", record["val_ppl"], record["iteration"])
+
+    def _write(self, record: dict) -> None:
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tensorboard:
+            self._tensorboard.close()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # exp overflows for a diverged run

@@ -1,0 +1,121 @@
+"""Builds the GPT model, Megatron DDP, optimizer and LR schedule from parsed arguments."""
+
+import argparse
+from typing import List, Tuple
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from megatron_raptr.ddp import RaptrDistributedDataParallel
+from megatron_raptr.layer import get_gpt_raptr_layer_spec
+from megatron_raptr.training.initialize import current_device
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Megatron-LM pads the vocabulary so every tensor-parallel shard is equally sized."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def transformer_config(args: argparse.Namespace) -> TransformerConfig:
+    dtype = params_dtype(args)
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        normalization=args.normalization,
+        gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method if args.recompute_granularity == "full" else None,
+        recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full" else None,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+
+
+def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> List[GPTModel]:
+    """This rank's GPT model chunk with RaPTr-gated layers, wrapped in Megatron DDP.
+
+    The baseline uses the same model: its path is simply every layer at every step.
+    """
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_raptr_layer_spec(
+            use_transformer_engine=False if not torch.cuda.is_available() else None,
+            normalization=args.normalization,
+        ),
+        vocab_size=padded_vocab_size(vocab_size, args),
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+    )
+    model.to(current_device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16 or args.fp16,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    ddp = RaptrDistributedDataParallel(config, ddp_config, model)
+    return [ddp]
+
+
+def build_optimizer(
+    args: argparse.Namespace, config: TransformerConfig, model: List[torch.nn.Module]
+) -> Tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            fp16=args.fp16,
+            params_dtype=params_dtype(args),
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    # Megatron's schedules drive gradient sync through these hooks.
+    config.no_sync_func = model[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    return optimizer, scheduler
