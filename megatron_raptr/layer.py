@@ -86,17 +86,21 @@ class PathSetter:
                     "waits forever for gradients of skipped layers"
                 )
 
-    def __call__(self, path: Path) -> None:
+    def __call__(self, path: Path) -> List[torch.nn.Parameter]:
+        """Gates the layers; returns the trainable parameters of this rank's skipped layers."""
         active = set(path.active)
+        skipped = []
         for chunk, layers in self.layers.items():
-            skipped = []
+            chunk_skipped = []
             for layer in layers:
                 layer.raptr_active = layer.layer_number in active
                 layer.raptr_scale = path.scales.get(layer.layer_number, 1.0)
                 if not layer.raptr_active:
-                    skipped.extend(p for p in layer.parameters() if p.requires_grad)
+                    chunk_skipped.extend(p for p in layer.parameters() if p.requires_grad)
             if isinstance(chunk, RaptrDistributedDataParallel):
-                chunk.set_skipped_parameters(skipped)
+                chunk.set_skipped_parameters(chunk_skipped)
+            skipped.extend(chunk_skipped)
+        return skipped
 
 
 def set_path(model: ModelChunks, path: Path) -> None:

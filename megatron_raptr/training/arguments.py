@@ -65,6 +65,8 @@ def _add_logging_args(parser):
     group.add_argument("--load", default=None)
     group.add_argument("--save-interval", type=int, default=None)
     group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument("--exit-interval", type=int, default=None,
+                       help="stop (after saving, with --save) once the iteration is divisible by this")
     group.add_argument("--eval-interval", type=int, default=1000)
     group.add_argument("--eval-iters", type=int, default=10)
     group.add_argument("--log-interval", type=int, default=100)
@@ -82,6 +84,9 @@ def _add_raptr_args(parser):
     group.add_argument("--raptr-sampling", choices=SAMPLING_MODES, default="bernoulli")
     group.add_argument("--raptr-scaling", choices=SCALING_RULES, default="inverse-keep",
                        help="multiplier of a kept layer's residual update during training")
+    group.add_argument("--raptr-freeze-skipped", action="store_true",
+                       help="leave skipped layers' weights and optimizer state unchanged in a step "
+                            "(default: they take a zero-gradient optimizer step)")
     group.add_argument("--raptr-verify-sync", type=int, default=0, metavar="N",
                        help="every N iterations check that all ranks train the same path (0: never)")
     group.add_argument("--raptr-stage-warmup-iters", type=int, default=0,
@@ -152,6 +157,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // micro_batches_per_step
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    for flag in ("save_interval", "exit_interval"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):

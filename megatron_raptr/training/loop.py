@@ -1,6 +1,5 @@
 """The pretraining loop: Megatron-Core's schedules, one RaPTr path per global step."""
 
-import argparse
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -13,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_raptr.flops import schedule_flops_fraction, step_flops
+from megatron_raptr.freeze import SkippedLayerFreezer
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter
 from megatron_raptr.layout import pipeline_layout
@@ -70,6 +70,7 @@ class Trainer:
         self.schedule = args.raptr
         self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
         self.set_path = PathSetter(model)
+        self.freezer = SkippedLayerFreezer(optimizer) if args.raptr_freeze_skipped else None
         self.forward_backward = get_forward_backward_func()
         self.tokens_per_step = args.global_batch_size * args.seq_length
         self.flops = partial(step_flops, config, padded_vocab_size(vocab_size, args), args.seq_length,
@@ -89,7 +90,9 @@ class Trainer:
         path = self.sampler.path(t)
         if self.args.raptr_verify_sync and t % self.args.raptr_verify_sync == 0:
             verify_path_sync(path, current_device())
-        self.set_path(path)
+        skipped = self.set_path(path)
+        if self.freezer:
+            self.freezer.set_skipped_parameters(skipped)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -158,9 +161,13 @@ class Trainer:
                 interval_start, interval_steps = time.perf_counter(), 0
             if state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters:
                 val_loss = self._evaluate_and_report(state, valid_dataset)
-            if args.save and (state.iteration == args.train_iters or
+            exiting = bool(args.exit_interval) and state.iteration % args.exit_interval == 0
+            if args.save and (state.iteration == args.train_iters or exiting or
                               (args.save_interval and state.iteration % args.save_interval == 0)):
                 self.save(state)
+            if exiting:
+                log(f" exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+                break
         self.metrics.close()
         return val_loss
 
