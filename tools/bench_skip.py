@@ -2,8 +2,9 @@
 
 Both models train side by side in one process, steps interleaved so machine noise
 hits both alike; prints the median step times and their ratio (goal: <= 1.02).
-The forward+backward ratio is printed apart from the whole step, because the
-optimizer still updates the L - k idle layers.
+The forward+backward ratio is printed apart from the whole step, because by
+default the optimizer still updates the L - k idle layers; `raptr-frozen` is the
+same run with --raptr-freeze-skipped, whose optimizer step skips them.
 
     python tools/bench_skip.py --layers 12 --path 4 --hidden-size 256
 """
@@ -56,13 +57,16 @@ def main():
               f"--train-iters {2 * bench.steps + 4} --lr 1e-4 --hidden-dropout 0 --attention-dropout 0 "
               "--mock-data --tokenizer-type NullTokenizer --vocab-size 8000 --eval-iters 0").split()
     initialize_distributed(1, 1, seed=1234)
-    raptr = build(bench.layers, common, ["--raptr-schedule", f"{bench.path}@0", "--raptr-sampling", "fixed-size",
-                                         "--raptr-fixed-layers"])
-    dense = build(bench.path, common, [])
-    times = {name: {"step": [], "forward_backward": []} for name in ("raptr", "dense")}
+    raptr = ["--raptr-schedule", f"{bench.path}@0", "--raptr-sampling", "fixed-size", "--raptr-fixed-layers"]
+    runs = {
+        "raptr": build(bench.layers, common, raptr),
+        "raptr-frozen": build(bench.layers, common, raptr + ["--raptr-freeze-skipped"]),
+        "dense": build(bench.path, common, []),
+    }
+    times = {name: {"step": [], "forward_backward": []} for name in runs}
     for step in range(bench.steps + 2):
-        for name, (trainer, iterator) in (("raptr", raptr), ("dense", dense)):
-            trainer.set_path(trainer.sampler.path(step))
+        for name, (trainer, iterator) in runs.items():
+            trainer.apply_path(step)
             kwargs = trainer._schedule_kwargs(iterator, forward_only=False)
             for chunk in trainer.model:
                 chunk.zero_grad_buffer()
@@ -75,8 +79,11 @@ def main():
           f"{bench.micro_batch_size} x {bench.seq_length} tokens, {bench.steps} steps, torch threads "
           f"{torch.get_num_threads()}")
     for part in ("forward_backward", "step"):
-        r, d = statistics.median(times["raptr"][part]), statistics.median(times["dense"][part])
-        print(f"  {part:16s} raptr {r * 1000:8.1f} ms  dense {d * 1000:8.1f} ms  ratio {r / d:.3f}")
+        dense = statistics.median(times["dense"][part])
+        for name in ("raptr", "raptr-frozen"):
+            ours = statistics.median(times[name][part])
+            print(f"  {part:16s} {name:12s} {ours * 1000:8.1f} ms  dense {dense * 1000:8.1f} ms  "
+                  f"ratio {ours / dense:.3f}")
 
 
 if __name__ == "__main__":

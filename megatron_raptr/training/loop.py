@@ -16,7 +16,7 @@ from megatron_raptr.freeze import SkippedLayerFreezer
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter
 from megatron_raptr.layout import pipeline_layout
-from megatron_raptr.sampler import PathSampler
+from megatron_raptr.sampler import Path, PathSampler
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
@@ -85,14 +85,19 @@ class Trainer:
             micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
         )
 
-    def train_step(self, state: TrainState, data_iterator) -> dict:
-        t = state.iteration
-        path = self.sampler.path(t)
-        if self.args.raptr_verify_sync and t % self.args.raptr_verify_sync == 0:
+    def apply_path(self, iteration: int) -> Path:
+        """Gates the model (and the optimizer, when freezing) for the step at ``iteration``."""
+        path = self.sampler.path(iteration)
+        if self.args.raptr_verify_sync and iteration % self.args.raptr_verify_sync == 0:
             verify_path_sync(path, current_device())
         skipped = self.set_path(path)
         if self.freezer:
             self.freezer.set_skipped_parameters(skipped)
+        return path
+
+    def train_step(self, state: TrainState, data_iterator) -> dict:
+        t = state.iteration
+        path = self.apply_path(t)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
