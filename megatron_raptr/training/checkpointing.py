@@ -1,0 +1,254 @@
+"""Save and resume training with Megatron-Core distributed checkpoints (torch_dist format).
+
+A --save directory holds one checkpoint directory per saved iteration and a tracker:
+
+    iter_0000100/                       written by all ranks through dist_checkpointing
+    latest_checkpointed_iteration.txt   the last complete save, replaced atomically
+
+The tracker is written only after every rank has finished its part, so an interrupted
+save leaves the previous checkpoint as the latest one. Model and optimizer states are
+ShardedTensors in model space, so a checkpoint loads under any TP/PP/DP layout. RNG
+states belong to one (PP rank, TP rank) and are restored only under the saved layout.
+"""
+import os
+import random
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import unwrap_model
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+# The distributed optimizer saves its state 'fully_reshardable': gathered across DP and
+# stored per model parameter, shaped like it, so it reloads under any TP/PP/DP. (Its
+# 'dp_reshardable' buckets reload only under the same TP and PP, and Megatron-Core 0.16
+# rejects the flattened ShardedTensors of 'fully_sharded_model_space'.) The
+# memory-efficient variant gathers over gloo to DP rank 0 only, not to every GPU. Without
+# a prefix per chained sub-optimizer the keys do not depend on parameter grouping.
+_OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    model: List[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    opt_param_scheduler: OptimizerParamScheduler,
+    state: dict,
+) -> None:
+    """Save model, optimizer, LR schedule, RNG states and `state` (small, picklable
+    trainer state; rank 0's copy is saved) as iteration `iteration`. Collective."""
+    path = checkpoint_dir(save_dir, iteration)
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    dist.barrier()  # dist_checkpointing.save expects the directory to exist
+    sharded = _sharded_state_dict(model, optimizer, with_rng=True, is_loading=False)
+    sharded.update(
+        layout=_layout(),
+        distributed_optimizer=optimizer.config.use_distributed_optimizer,
+        opt_param_scheduler=opt_param_scheduler.state_dict(),
+        state=state,
+    )
+    dist_checkpointing.save(sharded, path, preprocess_common_before_consistancy_check=_comparable)
+    dist.barrier()  # every rank's shards are on disk before the tracker names them
+    if dist.get_rank() == 0:
+        tracker = os.path.join(save_dir, TRACKER)
+        with open(tracker + ".tmp", "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker + ".tmp", tracker)
+    dist.barrier()  # no rank returns (and possibly exits) before the save is committed
+
+
+def load_checkpoint(
+    load_dir: str,
+    model: List[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    opt_param_scheduler: OptimizerParamScheduler,
+    load_rng: bool = True,
+) -> Optional[dict]:
+    """Restore the latest complete checkpoint under `load_dir` into the given (freshly
+    built) model, optimizer and scheduler, under any TP/PP/DP layout. Returns the saved
+    `state`, or None when nothing was ever saved there. Collective."""
+    path = latest_checkpoint(load_dir)
+    if path is None:
+        return None
+    if not torch.cuda.is_available():
+        _install_cpu_compat()
+    common = dist_checkpointing.load_common_state_dict(path)
+    distributed = optimizer.config.use_distributed_optimizer
+    if common["distributed_optimizer"] != distributed:
+        # Megatron's distributed and regular optimizers keep different state structures.
+        raise RuntimeError(
+            f"--load {load_dir}: {path} was saved {'with' if not distributed else 'without'} "
+            "--use-distributed-optimizer; resume with the same setting"
+        )
+    saved_layout = common["layout"]
+    # Another layout has other RNG shards (and their streams would not line up with
+    # the new ranks anyway); they only drive dropout, so fresh seeds are harmless.
+    with_rng = load_rng and saved_layout == _layout()
+    if load_rng and not with_rng and dist.get_rank() == 0:
+        print(
+            f"checkpoint {path} was saved with layout {saved_layout}, this run has {_layout()}: "
+            "resharding model and optimizer; RNG states are not restored (they only affect dropout)",
+            flush=True,
+        )
+    _allocate_optimizer_state(optimizer)
+    loaded = dist_checkpointing.load(
+        _sharded_state_dict(model, optimizer, with_rng=with_rng, is_loading=True), path
+    )
+    for key, chunk in zip(_model_keys(model), unwrap_model(model)):
+        chunk.load_state_dict(loaded[key])
+    optimizer.load_state_dict(loaded["optimizer"])
+    # After the optimizer, whose param groups carry the saved learning rate.
+    opt_param_scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if with_rng:
+        _set_rng_state(loaded["rng_state"])
+    return loaded["state"]
+
+
+def latest_checkpoint(load_dir: str) -> Optional[str]:
+    """The directory of the last complete save under `load_dir`; None if none was made.
+
+    Raises RuntimeError naming --load when the directory holds something that is not a
+    complete save: an unreadable tracker, or checkpoint files without a tracker.
+    """
+    if not os.path.exists(load_dir):
+        return None
+    tracker = os.path.join(load_dir, TRACKER)
+    if not os.path.exists(tracker):
+        unfinished = sorted(n for n in os.listdir(load_dir) if n.startswith("iter_"))
+        if unfinished or dist_checkpointing.check_is_distributed_checkpoint(load_dir):
+            raise RuntimeError(
+                f"--load {load_dir}: no {TRACKER}, so its checkpoint files "
+                f"{unfinished or ''} are not a completed save. Point --load at the --save "
+                "directory (the parent of iter_*), or delete unfinished iter_* directories."
+            )
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise RuntimeError(f"--load {load_dir}: {tracker} should hold an iteration number, not {text!r}")
+    path = checkpoint_dir(load_dir, int(text))
+    # dist_checkpointing writes metadata.json last, once every rank has saved.
+    if not dist_checkpointing.check_is_distributed_checkpoint(path):
+        raise RuntimeError(
+            f"--load {load_dir}: {tracker} names iteration {text}, "
+            f"but {path} is missing or not a complete checkpoint"
+        )
+    return path
+
+
+def _comparable(common: dict) -> dict:
+    """The common (rank 0 only) state that must agree across ranks, without the trainer's
+    `state` (timings may differ) and the distributed optimizer's 'param_state', which the
+    memory-efficient gather leaves None off DP rank 0."""
+
+    def without_param_state(value):
+        if isinstance(value, dict):
+            return {k: without_param_state(v) for k, v in value.items() if k != "param_state"}
+        return value
+
+    return {k: without_param_state(v) for k, v in common.items() if k != "state"}
+
+
+def _model_keys(model: List[torch.nn.Module]) -> List[str]:
+    # Megatron-LM's names, one per virtual-pipeline chunk.
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _sharded_state_dict(model, optimizer, with_rng: bool, is_loading: bool) -> dict:
+    # Unwrapped, the keys are the GPTModel's own (as in Megatron-LM checkpoints), not DDP's.
+    chunks = zip(_model_keys(model), unwrap_model(model))
+    sharded = {key: chunk.sharded_state_dict() for key, chunk in chunks}
+    sharded["optimizer"] = optimizer.sharded_state_dict(
+        dict(sharded), is_loading=is_loading, metadata=_OPTIMIZER_METADATA
+    )
+    if with_rng:
+        sharded["rng_state"] = _rng_state()
+    return sharded
+
+
+def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Torch's Adam creates its state in the first step, and without TE/Apex Megatron's
+    DistributedOptimizer cannot describe its state for loading before that. Megatron's
+    dummy step (zero gradients) creates it; the load then overwrites every value."""
+    for sub_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub_optimizer, DistributedOptimizer) and not sub_optimizer.optimizer.state:
+            sub_optimizer._init_optimizer_states_with_dummy_values()
+
+
+def _layout() -> dict:
+    """What the RNG shards depend on: the parallel sizes and the device type."""
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's RNG states; DP ranks are replicas (Megatron seeds by PP and TP rank)."""
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    ps = parallel_state
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=ps.get_data_parallel_rank())
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# --- TO MOVE into megatron_raptr/compat/cpu.py --------------------------------------
+def _install_cpu_compat() -> None:
+    """Fix DistributedOptimizer loading with torch's Adam (the CPU has no TE/Apex).
+
+    DistributedOptimizer.load_state_dict gives every parameter's state one shared 'step'
+    tensor, which torch's Adam then increments once per parameter, and
+    _set_main_param_and_optimizer_states copies every state key from the loaded tensors,
+    which hold no 'step' (it comes from param_groups). Here each parameter gets its own
+    copy of the step, and the copy skips it.
+    """
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(set_states, "_owns_step", False):
+        return
+
+    def set_states_with_own_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        set_states(self, model_param, tensors)
+
+    set_states_with_own_step._owns_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_with_own_step
