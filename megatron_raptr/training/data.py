@@ -1,0 +1,388 @@
+"""GPT training data: Megatron-LM data flags, early checks, megatron-core datasets, batches.
+
+Flow: `add_data_args(parser)` -> `validate_data_args(args)` (before any work, on every rank)
+-> `build_datasets(args, tokenizer)` (megatron-core BlendedMegatronDatasetBuilder + GPTDataset;
+call it on every rank: with torch.distributed initialised rank 0 builds the index cache first and
+the others wait at a barrier) -> `build_data_iterator(...)` per data-parallel rank.
+
+The trainer's own arguments define --seq-length, --seed, --micro-batch-size, --global-batch-size,
+--train-iters, --eval-iters and --eval-interval.
+"""
+
+import contextlib
+import os
+import struct
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import (
+    _INDEX_HEADER,
+    DType,
+    get_bin_path,
+    get_idx_path,
+)
+
+from megatron_raptr.training.tokenizer import add_tokenizer_args, build_tokenizer
+
+Blend = Tuple[List[str], Optional[List[float]]]
+
+# .idx header: magic, version (u64), dtype code (u8), sequence count (u64), document count (u64).
+_IDX_HEADER_STRUCT = struct.Struct("<QBQQ")
+_IDX_HEADER_BYTES = len(_INDEX_HEADER) + _IDX_HEADER_STRUCT.size
+
+
+def add_data_args(parser):
+    """Add the data and tokenizer flags (Megatron-LM names) to `parser`; return it."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data-path",
+        nargs="*",
+        default=None,
+        help="Dataset prefixes (PREFIX.bin/.idx from tools/preprocess_data.py), optionally "
+        "weighted: 'A B' or '0.7 A 0.3 B'. Train/valid/test are cut from it by --split.",
+    )
+    group.add_argument(
+        "--split",
+        default="969,30,1",
+        help="Train,valid,test weights for cutting --data-path by document (Megatron-LM).",
+    )
+    group.add_argument(
+        "--train-data-path",
+        nargs="*",
+        default=None,
+        help="Training blend (same format as --data-path), instead of --data-path/--split.",
+    )
+    group.add_argument(
+        "--valid-data-path",
+        nargs="*",
+        default=None,
+        help="Validation blend, used with --train-data-path (e.g. a held-out file).",
+    )
+    group.add_argument(
+        "--mock-data", action="store_true", help="Synthetic tokens instead of a dataset."
+    )
+    group.add_argument(
+        "--data-cache-path",
+        default=None,
+        help="Directory for the dataset index cache (default: next to each dataset).",
+    )
+    group.add_argument(
+        "--reset-position-ids", action="store_true", help="Restart position ids at each EOD."
+    )
+    group.add_argument(
+        "--reset-attention-mask",
+        action="store_true",
+        help="Block attention across EOD (needs the dataloader attention mask).",
+    )
+    group.add_argument("--eod-mask-loss", action="store_true", help="No loss on EOD tokens.")
+    group.add_argument(
+        "--no-create-attention-mask-in-dataloader",
+        action="store_false",
+        dest="create_attention_mask_in_dataloader",
+        help="Do not put a [1, s, s] causal mask in each sample (attention builds its own).",
+    )
+    add_tokenizer_args(parser)
+    return parser
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_blend(values: Optional[Sequence[str]], flag: str) -> Optional[Blend]:
+    """'A B' -> (['A', 'B'], None); '0.7 A 0.3 B' -> (['A', 'B'], [0.7, 0.3]).
+
+    Raises ValueError naming `flag` when weights and prefixes do not alternate.
+    """
+    if not values:
+        return None
+    if not _is_number(values[0]):
+        if any(_is_number(value) for value in values):
+            raise ValueError(
+                f"{flag}: give either prefixes only or 'WEIGHT PREFIX' pairs starting with a "
+                f"weight; got {list(values)}"
+            )
+        return list(values), None
+    if len(values) % 2:
+        raise ValueError(
+            f"{flag}: blend weights and prefixes must alternate (W1 PREFIX1 W2 PREFIX2 ...); "
+            f"got an odd number of items: {list(values)}"
+        )
+    weights, prefixes = list(values[0::2]), list(values[1::2])
+    for weight, prefix in zip(weights, prefixes):
+        if not _is_number(weight) or _is_number(prefix):
+            raise ValueError(f"{flag}: expected 'WEIGHT PREFIX' pairs, got {weight!r} {prefix!r}")
+    weights = [float(weight) for weight in weights]
+    if any(weight < 0 for weight in weights) or sum(weights) <= 0:
+        raise ValueError(f"{flag}: blend weights must be >= 0 with a positive sum: {weights}")
+    return prefixes, weights
+
+
+def _check_split(split: str) -> None:
+    parts = split.split(",")
+    try:
+        weights = [float(part) for part in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or weights[0] <= 0:
+        raise ValueError(
+            f"--split: expected up to three comma-separated weights train,valid,test with a "
+            f"positive train weight (e.g. 969,30,1); got {split!r}"
+        )
+
+
+def _check_split_parts(split: str, prefix: str, lengths: np.ndarray) -> None:
+    # megatron-core cuts each dataset by sequence index like this, and loops forever building
+    # an epoch of a part that holds no tokens.
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bounds in zip(("train", "valid"), matrix):
+        if bounds is not None:
+            begin, end = (int(round(bound * len(lengths))) for bound in bounds)
+            if not lengths[begin:end].any():
+                raise ValueError(
+                    f"--split {split}: the {name} part of {prefix} (documents {begin} to {end} "
+                    f"of {len(lengths)}) holds no tokens; use more data or another --split"
+                )
+
+
+def check_indexed_dataset(
+    prefix: str, flag: str, vocab_size: Optional[int] = None, tokenizer_flag: str = "tokenizer"
+) -> np.ndarray:
+    """Raise ValueError naming `flag` and the file unless PREFIX.bin/.idx form a sound dataset.
+
+    Checks the .idx header and that its sizes, sequence pointers and document boundaries agree
+    with each other and with the .bin length, that it holds tokens, and with `vocab_size`, that
+    every token id in the .bin is below it (the data was made with this tokenizer). Reads
+    through memory maps. Returns the sequence lengths (memory-mapped).
+    """
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            raise ValueError(f"{flag}: give the prefix without '{suffix}': {prefix[:-4]}")
+    idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    for path in (bin_path, idx_path):
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{flag}: {path} not found (a dataset prefix needs both PREFIX.bin and "
+                f"PREFIX.idx; tools/preprocess_data.py writes them)"
+            )
+
+    def corrupt(why: str) -> ValueError:
+        return ValueError(f"{flag}: corrupt dataset index {idx_path}: {why}")
+
+    with open(idx_path, "rb") as stream:
+        head = stream.read(_IDX_HEADER_BYTES)
+    if len(head) < _IDX_HEADER_BYTES or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
+        raise corrupt("not a Megatron indexed-dataset .idx file (bad header)")
+    version, code, num_sequences, num_documents = _IDX_HEADER_STRUCT.unpack(
+        head[len(_INDEX_HEADER) :]
+    )
+    if version != 1:
+        raise corrupt(f"unsupported version {version}")
+    try:
+        dtype = np.dtype(DType.dtype_from_code(code))
+    except ValueError:
+        raise corrupt(f"unknown token dtype code {code}") from None
+    expected = _IDX_HEADER_BYTES + num_sequences * (4 + 8) + num_documents * 8
+    idx_size = os.path.getsize(idx_path)
+    if idx_size != expected:
+        raise corrupt(
+            f"{idx_size} bytes, but its header ({num_sequences} sequences, {num_documents - 1} "
+            f"documents) needs {expected} (truncated or overwritten?)"
+        )
+    if num_sequences == 0 or num_documents == 0:
+        raise corrupt("it holds no sequences")
+    offset = _IDX_HEADER_BYTES
+    lengths = np.memmap(idx_path, np.int32, "r", offset=offset, shape=(num_sequences,))
+    offset += lengths.nbytes
+    pointers = np.memmap(idx_path, np.int64, "r", offset=offset, shape=(num_sequences,))
+    offset += pointers.nbytes
+    documents = np.memmap(idx_path, np.int64, "r", offset=offset, shape=(num_documents,))
+    if (lengths < 0).any():
+        raise corrupt("negative sequence lengths")
+    ends = np.cumsum(lengths, dtype=np.int64) * dtype.itemsize
+    if pointers[0] != 0 or not np.array_equal(pointers[1:], ends[:-1]):
+        raise corrupt("sequence pointers do not follow the sequence lengths")
+    if documents[0] != 0 or documents[-1] != num_sequences or (np.diff(documents) < 0).any():
+        raise corrupt("document boundaries are not increasing from 0 to the sequence count")
+    bin_size = os.path.getsize(bin_path)
+    if bin_size == 0:
+        raise ValueError(f"{flag}: {bin_path} holds no tokens")
+    if bin_size != ends[-1]:
+        raise ValueError(
+            f"{flag}: {bin_path} has {bin_size} bytes but {idx_path} describes {ends[-1]} "
+            f"({ends[-1] // dtype.itemsize} tokens of {dtype.name}): the pair is truncated or "
+            f"mismatched; rerun tools/preprocess_data.py"
+        )
+    if vocab_size is not None:
+        max_id = int(np.memmap(bin_path, dtype, "r").max())
+        if max_id >= vocab_size:
+            raise ValueError(
+                f"{flag}: {bin_path} holds token id {max_id}, but the tokenizer "
+                f"({tokenizer_flag}) has only {vocab_size} ids: the data was made with another "
+                f"tokenizer"
+            )
+    return lengths
+
+
+def validate_data_args(args) -> None:
+    """Raise ValueError, naming the flag and the file, for data flags that cannot work.
+
+    Loads the tokenizer once (for its vocabulary size) and reads every dataset's .idx and .bin
+    (memory-mapped; the token-id scan reads the whole .bin once).
+    """
+    vocab_size = build_tokenizer(args).vocab_size  # also checks the tokenizer flags and file
+    flags = {
+        "--data-path": args.data_path,
+        "--train-data-path": args.train_data_path,
+        "--valid-data-path": args.valid_data_path,
+    }
+    given = [(flag, values) for flag, values in flags.items() if values]
+    if args.mock_data:
+        if given:
+            raise ValueError(f"--mock-data cannot be combined with {given[0][0]}")
+        return
+    if not given:
+        raise ValueError(
+            "no training data: give --data-path PREFIX [...], or --train-data-path with "
+            "--valid-data-path, or --mock-data"
+        )
+    if args.data_path and (args.train_data_path or args.valid_data_path):
+        raise ValueError("--data-path cannot be combined with --train-data-path/--valid-data-path")
+    if args.data_path:
+        _check_split(args.split)
+    elif not args.train_data_path:
+        raise ValueError("--valid-data-path needs --train-data-path")
+
+    if args.tokenizer_type == "NullTokenizer":
+        tokenizer_flag = f"NullTokenizer --vocab-size {args.vocab_size}"
+    else:
+        tokenizer_flag = f"--tokenizer-model {args.tokenizer_model}"
+    for flag, values in given:
+        prefixes, _ = parse_blend(values, flag)
+        for prefix in prefixes:
+            lengths = check_indexed_dataset(prefix, flag, vocab_size, tokenizer_flag)
+            if flag == "--data-path":
+                _check_split_parts(args.split, prefix, lengths)
+
+
+def dataset_sizes(args) -> List[int]:
+    """Samples per split: train_iters * global batch, and Megatron-LM's validation count."""
+    train = args.train_iters * args.global_batch_size
+    valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size
+    return [train, valid, 0]
+
+
+def build_datasets(args, tokenizer):
+    """Return (train_ds, valid_ds) of megatron-core GPTDataset/BlendedDataset (or MockGPTDataset).
+
+    valid_ds is None when nothing is held out (--split with a zero valid weight, or
+    --train-data-path without --valid-data-path). Each sample is a dict of tensors: tokens,
+    labels, loss_mask, position_ids and (unless --no-create-attention-mask-in-dataloader)
+    attention_mask. Works without torch.distributed; with it, call on every rank.
+    """
+    if args.data_path:
+        blend, blend_per_split, split = parse_blend(args.data_path, "--data-path"), None, args.split
+    elif args.train_data_path:
+        blend, split = None, None
+        blend_per_split = [
+            parse_blend(args.train_data_path, "--train-data-path"),
+            parse_blend(args.valid_data_path, "--valid-data-path"),
+            None,
+        ]
+    else:  # --mock-data: megatron-core switches to mock data when no blend is given
+        blend, blend_per_split, split = None, None, None
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+    # Nothing evaluates the test split: do not build it (megatron-core would also loop forever
+    # on an empty one).
+    if config.split_matrix is not None:
+        config.split_matrix[2] = None
+    dataset_cls = MockGPTDataset if config.mock else GPTDataset
+    with _process_group():
+        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+            dataset_cls, dataset_sizes(args), lambda: True, config
+        ).build()
+    return train_ds, valid_ds
+
+
+@contextlib.contextmanager
+def _process_group():
+    """A private one-process group while building, when torch.distributed is not initialised.
+
+    megatron-core's BlendedDataset calls torch.distributed.get_rank() when it writes its index
+    cache, so a blend with --data-cache-path would fail in a single process (tools, tests).
+    """
+    if torch.distributed.is_initialized():
+        yield
+        return
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def build_data_iterator(
+    dataset,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    consumed_samples: int,
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """Micro-batches of `dataset` for one data-parallel rank, in Megatron-LM's pretraining order.
+
+    As MegatronPretrainingSampler: samples are taken in index order from `consumed_samples`
+    (counted over all data-parallel ranks, as the trainer's consumed-samples counter); each group
+    of micro_batch_size * data_parallel_size consecutive samples is split so that rank r gets
+    [r * micro_batch_size, (r + 1) * micro_batch_size). Restarting at the consumed count of a
+    checkpoint continues with exactly the batches an uninterrupted run would see. Stops at the
+    end of the dataset, dropping a last incomplete group (the datasets are sized for the run).
+    For evaluation, build a fresh iterator with consumed_samples=0 each time, so that every
+    evaluation sees the same batches.
+
+    Each micro-batch is a dict of the samples' tensors stacked along a new leading batch dim.
+    """
+    if not 0 <= data_parallel_rank < data_parallel_size:
+        raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+    if micro_batch_size <= 0 or consumed_samples < 0:
+        raise ValueError(
+            f"need micro_batch_size > 0 and consumed_samples >= 0, got {micro_batch_size}, "
+            f"{consumed_samples}"
+        )
+    return _micro_batches(
+        dataset, micro_batch_size, data_parallel_rank, data_parallel_size, consumed_samples
+    )
+
+
+def _micro_batches(dataset, micro_batch_size, data_parallel_rank, data_parallel_size, start):
+    step = micro_batch_size * data_parallel_size
+    first = data_parallel_rank * micro_batch_size
+    for group in range(start, len(dataset) - step + 1, step):
+        samples = [dataset[group + first + i] for i in range(micro_batch_size)]
+        yield {
+            key: torch.stack([torch.as_tensor(sample[key]) for sample in samples])
+            for key in samples[0]
+        }
