@@ -1,0 +1,248 @@
+"""Run Megatron-Core on the CPU (gloo backend, no CUDA).
+
+Megatron-Core allocates tensors on `torch.cuda.current_device()` or `device="cuda"`,
+calls `torch.cuda.synchronize()`, keeps its RNG tracker states in CUDA generators,
+moves tensors with `.cuda()` and checks `tensor.type() == 'torch.cuda.FloatTensor'`.
+`install()` adapts exactly those spots:
+
+* the modules in `_MODULES_ASSUMING_CUDA` get their own `torch` whose CUDA device
+  is the CPU; torch itself is unchanged for every other module;
+* the Megatron functions in `_patch_tensor_checks` run with CPU tensors passing for
+  CUDA ones (`.type()` names, `.cuda()`);
+* the RNG tracker and activation recompute keep CPU generator states.
+
+Each patch is looked up defensively, so a symbol renamed in a later Megatron-Core
+release is skipped rather than breaking the import; the tests show what still runs.
+"""
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+_CPU = torch.device("cpu")
+
+# Megatron-Core modules whose own code puts tensors on CUDA, and where.
+_MODULES_ASSUMING_CUDA = {
+    # GlobalMemoryBuffer.get_tensor (DotProductAttention's score buffer) on current_device().
+    "megatron.core.utils",
+    # forward_backward_* count tokens in torch.zeros(..., device="cuda").
+    "megatron.core.pipeline_parallel.schedules",
+    # Receive buffers and shape exchange on current_device(); synchronize() after batched p2p.
+    "megatron.core.pipeline_parallel.p2p_communication",
+    # DDP's contiguous grad (and distributed-optimizer param) buffers on current_device().
+    "megatron.core.distributed.param_and_grad_buffer",
+    # FP32Optimizer / MixedPrecisionOptimizer loss-scale and overflow tensors on 'cuda'.
+    "megatron.core.optimizer.optimizer",
+    # Grad-norm buffers on 'cuda'.
+    "megatron.core.optimizer.clip_grads",
+    # fp16 loss scale on 'cuda'.
+    "megatron.core.optimizer.grad_scaler",
+    # get_default_causal_mask on 'cuda'.
+    "megatron.core.transformer.utils",
+    # RoPE moves inv_freq to current_device() on every forward.
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # Weights on current_device() unless config.use_cpu_initialization.
+    "megatron.core.tensor_parallel.layers",
+    # Sequence-parallel gather / reduce-scatter outputs on current_device().
+    "megatron.core.tensor_parallel.mappings",
+    # torch_dist checkpoint writer: synchronize() before writing, save status in CUDA tensors.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+}
+
+# Tensor-type names Megatron's optimizer accepts, keyed by their CPU counterparts.
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+_installed = False
+
+
+def _import(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # moved or removed in another Megatron-Core release
+        return None
+
+
+def _on_cpu(device):
+    """A CUDA device spec ("cuda", "cuda:N", torch.device) becomes the CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        return _CPU
+    return device
+
+
+class _CudaOnCpu(types.ModuleType):
+    """`torch.cuda` whose current device is the CPU and whose synchronize is a no-op."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return _CPU
+
+    @staticmethod
+    def synchronize(device=None):
+        """CPU kernels and gloo collectives have completed when they return."""
+
+
+class _TorchOnCpu(types.ModuleType):
+    """`torch` whose tensor factories put `device="cuda"` on the CPU."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+        for name in self._FACTORIES:
+            setattr(self, name, self._factory(getattr(torch, name)))
+
+    @staticmethod
+    def _factory(fn):
+        @functools.wraps(fn)
+        def on_cpu(*args, device=None, **kwargs):
+            return fn(*args, device=_on_cpu(device), **kwargs)
+
+        return on_cpu
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _cpu_tensors_as_cuda():
+    """Within the block CPU tensors pass for CUDA ones: `tensor.type()` reports float
+    types by their CUDA names and `tensor.cuda()` leaves the tensor where it is.
+    (torch.Tensor is patched for the block's duration; Megatron calls these on the
+    main thread.)"""
+    base_type = torch._C.TensorBase.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = base_type(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return base_type(self, dtype, non_blocking, **kwargs)
+
+    def cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+        return self
+
+    saved = {name: vars(torch.Tensor).get(name) for name in ("type", "cuda")}
+    torch.Tensor.type, torch.Tensor.cuda = type_, cuda
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+
+
+def _as_cuda(fn):
+    """fn, run with CPU tensors passing for CUDA ones."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cpu_tensors_as_cuda():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_tensor_checks():
+    language_module = _import("megatron.core.models.common.language_module.language_module")
+    clip_grads = _import("megatron.core.optimizer.clip_grads")
+    optimizer = _import("megatron.core.optimizer.optimizer")
+    distrib_optimizer = _import("megatron.core.optimizer.distrib_optimizer")
+
+    # Tied embeddings under PP: first and last stage all-reduce `weight.data.cuda()`.
+    cls = getattr(language_module, "LanguageModule", None)
+    if hasattr(cls, "setup_embeddings_and_output_layer"):
+        cls.setup_embeddings_and_output_layer = _as_cuda(cls.setup_embeddings_and_output_layer)
+
+    # clip_grad_by_total_norm_fp32 asserts param.grad.type() == 'torch.cuda.FloatTensor';
+    # optimizer.py imported it by name, so that reference is replaced too.
+    original = getattr(clip_grads, "clip_grad_by_total_norm_fp32", None)
+    if original is not None:
+        for module in (clip_grads, optimizer):
+            if getattr(module, "clip_grad_by_total_norm_fp32", None) is original:
+                module.clip_grad_by_total_norm_fp32 = _as_cuda(original)
+
+    # DistributedOptimizer sorts params into fp32 / fp16 groups by model_param.type().
+    cls = getattr(distrib_optimizer, "DistributedOptimizer", None)
+    method = vars(cls).get("_build_model_and_main_param_groups") if cls else None
+    if isinstance(method, classmethod):
+        cls._build_model_and_main_param_groups = classmethod(_as_cuda(method.__func__))
+
+    # Float16OptimizerWithFloat16Params (bf16 / fp16) sorts params by param.type().
+    cls = getattr(optimizer, "Float16OptimizerWithFloat16Params", None)
+    if cls is not None:
+        cls.__init__ = _as_cuda(cls.__init__)
+
+
+def _patch_rng():
+    mrandom = _import("megatron.core.tensor_parallel.random")
+    base = getattr(mrandom, "CudaRNGStatesTracker", None)
+    if base is None:
+        return
+    default_name = getattr(mrandom, "_MODEL_PARALLEL_RNG_TRACKER_NAME", "model-parallel-rng")
+
+    class CpuRNGStatesTracker(base):
+        """Megatron's RNG tracker over CPU generator states: add() and fork() of the
+        CUDA tracker read and write torch.cuda RNG states."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=default_name):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    # initialize_rng_tracker() instantiates whatever this module-level name refers to.
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+
+    # Activation recompute (tensor_parallel.checkpoint) saves and restores the CUDA RNG.
+    if hasattr(mrandom, "_get_cuda_rng_state"):
+        mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    if hasattr(mrandom, "_set_cuda_rng_state"):
+        mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+def install() -> None:
+    """Adapt Megatron-Core to the CPU. Idempotent. Call before seeding Megatron's RNG
+    tracker (initialize_distributed does), and only without CUDA."""
+    global _installed
+    if _installed:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("megatron_raptr.compat.cpu.install() is for machines without CUDA")
+    cpu_torch = _TorchOnCpu()
+    for name in _MODULES_ASSUMING_CUDA:
+        module = _import(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = cpu_torch
+    _patch_tensor_checks()
+    _patch_rng()
+    _installed = True
