@@ -84,9 +84,6 @@ def _add_raptr_args(parser):
     group.add_argument("--raptr-sampling", choices=SAMPLING_MODES, default="bernoulli")
     group.add_argument("--raptr-scaling", choices=SCALING_RULES, default="inverse-keep",
                        help="multiplier of a kept layer's residual update during training")
-    group.add_argument("--raptr-freeze-skipped", action="store_true",
-                       help="leave skipped layers' weights and optimizer state unchanged in a step "
-                            "(default: they take a zero-gradient optimizer step)")
     group.add_argument("--raptr-verify-sync", type=int, default=0, metavar="N",
                        help="every N iterations check that all ranks train the same path (0: never)")
     group.add_argument("--raptr-stage-warmup-iters", type=int, default=0,

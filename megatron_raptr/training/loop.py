@@ -12,7 +12,6 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_raptr.flops import schedule_flops_fraction, step_flops
-from megatron_raptr.freeze import SkippedLayerFreezer
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter
 from megatron_raptr.layout import pipeline_layout
@@ -51,7 +50,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
 def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     mask = loss_mask.reshape(-1).float()
     loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # A copy: Megatron's schedules divide the returned loss by the microbatch count in place.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _mean_loss(losses: Sequence[dict]) -> Optional[float]:
@@ -70,7 +70,6 @@ class Trainer:
         self.schedule = args.raptr
         self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
         self.set_path = PathSetter(model)
-        self.freezer = SkippedLayerFreezer(optimizer) if args.raptr_freeze_skipped else None
         self.forward_backward = get_forward_backward_func()
         self.tokens_per_step = args.global_batch_size * args.seq_length
         self.flops = partial(step_flops, config, padded_vocab_size(vocab_size, args), args.seq_length,
@@ -86,13 +85,11 @@ class Trainer:
         )
 
     def apply_path(self, iteration: int) -> Path:
-        """Gates the model (and the optimizer, when freezing) for the step at ``iteration``."""
+        """Gates the model for the step at ``iteration``."""
         path = self.sampler.path(iteration)
         if self.args.raptr_verify_sync and iteration % self.args.raptr_verify_sync == 0:
             verify_path_sync(path, current_device())
-        skipped = self.set_path(path)
-        if self.freezer:
-            self.freezer.set_skipped_parameters(skipped)
+        self.set_path(path)
         return path
 
     def train_step(self, state: TrainState, data_iterator) -> dict:
