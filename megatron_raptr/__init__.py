@@ -13,7 +13,14 @@ Integration in an existing Megatron-Core loop::
 """
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
-from megatron_raptr.layer import PathSetter, RaptrTransformerLayer, get_gpt_raptr_layer_spec, raptr_layer_spec, set_path
+from megatron_raptr.layer import (
+    PathSetter,
+    RaptrTransformerLayer,
+    get_gpt_raptr_block_spec,
+    get_gpt_raptr_layer_spec,
+    raptr_layer_spec,
+    set_path,
+)
 from megatron_raptr.layout import pipeline_layout
 from megatron_raptr.sampler import Path, PathSampler
 from megatron_raptr.schedule import RaptrSchedule, Stage
@@ -27,6 +34,7 @@ __all__ = [
     "RaptrSchedule",
     "RaptrTransformerLayer",
     "Stage",
+    "get_gpt_raptr_block_spec",
     "get_gpt_raptr_layer_spec",
     "pipeline_layout",
     "raptr_layer_spec",

@@ -11,9 +11,14 @@ from typing import Dict, List, Sequence, Union
 
 import torch
 from megatron.core.distributed import DistributedDataParallel
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_raptr.compat.torch_norm import SequenceParallelTorchNorm
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.sampler import Path
 
@@ -45,15 +50,31 @@ def raptr_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(spec, module=RaptrTransformerLayer)
 
 
+def _local_norm():
+    """Apex's fused norm when installed, else a torch norm that supports sequence parallelism."""
+    return SequenceParallelTorchNorm if gpt_layer_specs.LNImpl is WrappedTorchNorm else gpt_layer_specs.LNImpl
+
+
 def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, **kwargs) -> ModuleSpec:
     """Megatron's GPT layer spec (Transformer Engine when installed, else local) gated by RaPTr."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
     if use_transformer_engine is None:
         use_transformer_engine = gpt_layer_specs.HAVE_TE
     if use_transformer_engine:
         return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs))
-    return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_local_spec(**kwargs))
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(**kwargs)
+    norms = dataclasses.replace(spec.submodules, input_layernorm=_local_norm(), pre_mlp_layernorm=_local_norm())
+    return raptr_layer_spec(dataclasses.replace(spec, submodules=norms))
+
+
+def get_gpt_raptr_block_spec(config: TransformerConfig, use_transformer_engine: bool = None,
+                             **kwargs) -> TransformerBlockSubmodules:
+    """This pipeline stage's decoder block: RaPTr layers and the final norm."""
+    if use_transformer_engine is None:
+        use_transformer_engine = gpt_layer_specs.HAVE_TE
+    return TransformerBlockSubmodules(
+        layer_specs=[get_gpt_raptr_layer_spec(use_transformer_engine, **kwargs)] * get_num_layers_to_build(config),
+        layer_norm=gpt_layer_specs.TENorm if use_transformer_engine else _local_norm(),
+    )
 
 
 ModelChunks = Union[torch.nn.Module, Sequence[torch.nn.Module]]
@@ -86,21 +107,17 @@ class PathSetter:
                     "waits forever for gradients of skipped layers"
                 )
 
-    def __call__(self, path: Path) -> List[torch.nn.Parameter]:
-        """Gates the layers; returns the trainable parameters of this rank's skipped layers."""
+    def __call__(self, path: Path) -> None:
         active = set(path.active)
-        skipped = []
         for chunk, layers in self.layers.items():
-            chunk_skipped = []
+            skipped = []
             for layer in layers:
                 layer.raptr_active = layer.layer_number in active
                 layer.raptr_scale = path.scales.get(layer.layer_number, 1.0)
                 if not layer.raptr_active:
-                    chunk_skipped.extend(p for p in layer.parameters() if p.requires_grad)
+                    skipped.extend(p for p in layer.parameters() if p.requires_grad)
             if isinstance(chunk, RaptrDistributedDataParallel):
-                chunk.set_skipped_parameters(chunk_skipped)
-            skipped.extend(chunk_skipped)
-        return skipped
+                chunk.set_skipped_parameters(skipped)
 
 
 def set_path(model: ModelChunks, path: Path) -> None:

@@ -12,7 +12,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
-from megatron_raptr.layer import get_gpt_raptr_layer_spec
+from megatron_raptr.layer import get_gpt_raptr_block_spec
 from megatron_raptr.training.initialize import current_device
 
 
@@ -60,7 +60,8 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
     """
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_raptr_layer_spec(
+        transformer_layer_spec=get_gpt_raptr_block_spec(
+            config,
             use_transformer_engine=False if not torch.cuda.is_available() else None,
             normalization=args.normalization,
         ),
