@@ -23,6 +23,8 @@ from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 
+from megatron_raptr.compat import torch_adam
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 # The distributed optimizer saves its state 'fully_reshardable': gathered across DP and
@@ -88,8 +90,8 @@ def load_checkpoint(
     path = latest_checkpoint(load_dir)
     if path is None:
         return None
-    if not torch.cuda.is_available():
-        _install_cpu_compat()
+    if torch_adam.needed():
+        torch_adam.install()
     common = dist_checkpointing.load_common_state_dict(path)
     distributed = optimizer.config.use_distributed_optimizer
     if common["distributed_optimizer"] != distributed:
@@ -226,29 +228,3 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-# --- TO MOVE into megatron_raptr/compat/cpu.py --------------------------------------
-def _install_cpu_compat() -> None:
-    """Fix DistributedOptimizer loading with torch's Adam (the CPU has no TE/Apex).
-
-    DistributedOptimizer.load_state_dict gives every parameter's state one shared 'step'
-    tensor, which torch's Adam then increments once per parameter, and
-    _set_main_param_and_optimizer_states copies every state key from the loaded tensors,
-    which hold no 'step' (it comes from param_groups). Here each parameter gets its own
-    copy of the step, and the copy skips it.
-    """
-    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
-    if getattr(set_states, "_owns_step", False):
-        return
-
-    def set_states_with_own_step(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        if "step" in state and "step" not in tensors:
-            state["step"] = state["step"].clone()
-            tensors = {**tensors, "step": state["step"]}
-        set_states(self, model_param, tensors)
-
-    set_states_with_own_step._owns_step = True
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_with_own_step

@@ -1,0 +1,35 @@
+"""Loading Megatron's DistributedOptimizer state when its Adam is torch's (no TE or Apex).
+
+Not a CPU matter: a GPU machine without Transformer Engine and Apex hits it too.
+DistributedOptimizer.load_state_dict gives every parameter's state one shared 'step'
+tensor, which torch's Adam then increments once per parameter (the resumed run drifts
+from the second step on), and _set_main_param_and_optimizer_states copies every state
+key from the loaded tensors, which hold no 'step' (it comes from param_groups). Here
+each parameter keeps its own copy of the step.
+"""
+
+from megatron.core import optimizer as megatron_optimizer
+from megatron.core.optimizer import DistributedOptimizer
+
+
+def needed() -> bool:
+    """Whether Megatron-Core fell back to torch's Adam."""
+    return megatron_optimizer.Adam.__module__.startswith("torch.")
+
+
+def install() -> None:
+    """Idempotent."""
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(set_states, "_owns_step", False):
+        return
+
+    def set_states_with_own_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        set_states(self, model_param, tensors)
+
+    set_states_with_own_step._owns_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_with_own_step
