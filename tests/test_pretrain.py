@@ -56,3 +56,70 @@ def test_overlapped_grad_reduce_with_distributed_optimizer_matches_plain_ddp(tmp
     overlapped, _ = run(tmp_path, "overlap", RAPTR + ["--overlap-grad-reduce", "--use-distributed-optimizer"])
     assert [r["active_layers"] for r in plain] == [r["active_layers"] for r in overlapped]
     assert losses(overlapped) == pytest.approx(losses(plain), rel=1e-6)
+
+
+def _pretrain_each(argvs):
+    """Several runs in one process group, as separate launches would do them."""
+    from megatron.core import parallel_state
+
+    from megatron_raptr.training.loop import pretrain
+
+    for argv in argvs:
+        pretrain(argv)
+        parallel_state.destroy_model_parallel()
+
+
+def test_resume_repeats_the_run_under_every_layout(tmp_path):
+    """Train 4 of 8 iterations under TP=1/PP=1, save, continue under each layout."""
+    common = MODEL + RAPTR + ["--train-iters", "8"]
+    ckpt = str(tmp_path / "ckpt")
+
+    def argv(name, *extra):
+        return common + ["--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra]
+
+    # Layers 1 and 2 only: the second pipeline stage runs no layer at all.
+    first_stage_only = ["--raptr-schedule", "2@0", "--raptr-fixed-layers", "1", "2"]
+    run_distributed(_pretrain_each, 1, [
+        argv("uninterrupted"),
+        argv("first-half", "--save", ckpt, "--exit-interval", "4"),
+        argv("resumed", "--load", ckpt),
+        argv("first-stage-only", "--load", ckpt, *first_stage_only),
+    ])
+    run_distributed(_pretrain_each, 2, [
+        argv("tp2", "--load", ckpt, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+             "--recompute-granularity", "selective", "--raptr-verify-sync", "1"),
+        argv("pp2", "--load", ckpt, "--pipeline-model-parallel-size", "2", "--recompute-granularity", "full",
+             "--raptr-verify-sync", "1"),
+        argv("dp2", "--load", ckpt, "--overlap-grad-reduce", "--raptr-verify-sync", "1"),
+        argv("first-stage-only-pp2", "--load", ckpt, "--pipeline-model-parallel-size", "2", *first_stage_only),
+    ])
+
+    def train_records(name):
+        records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        return [r for r in records if "lm_loss" in r]
+
+    reference = train_records("uninterrupted")
+    assert [r["iteration"] for r in train_records("first-half")] == [1, 2, 3, 4]
+    assert losses(train_records("first-half")) == losses(reference[:4])
+    resumed = train_records("resumed")
+    assert [r["iteration"] for r in resumed] == [5, 6, 7, 8]
+    assert [r["active_layers"] for r in resumed] == [r["active_layers"] for r in reference[4:]]
+    assert losses(resumed) == losses(reference[4:])
+    assert resumed[-1]["cumulative_flops"] == reference[-1]["cumulative_flops"]
+    for layout in ("tp2", "pp2", "dp2"):
+        records = train_records(layout)
+        assert [r["active_layers"] for r in records] == [r["active_layers"] for r in reference[4:]], layout
+        assert losses(records) == pytest.approx(losses(reference[4:]), rel=2e-5), layout
+    edge = train_records("first-stage-only")
+    assert all(r["active_layers"] == [1, 2] for r in edge)
+    assert losses(train_records("first-stage-only-pp2")) == pytest.approx(losses(edge), rel=2e-5)
+
+
+def test_pipeline_balanced_paths_load_every_pipeline_stage_equally(tmp_path):
+    train, _ = run(tmp_path, "balanced", ["--raptr-schedule", "3@0,5@0.5", "--raptr-sampling", "pipeline-balanced",
+                                          "--pipeline-model-parallel-size", "2", "--num-layers", "6",
+                                          "--raptr-verify-sync", "1"])
+    assert [r["path_length"] for r in train] == [3] * 4 + [5] * 4
+    for record in train:
+        first = sum(layer <= 3 for layer in record["active_layers"])
+        assert abs(first - (record["path_length"] - first)) <= 1, record["active_layers"]
