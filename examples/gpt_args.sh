@@ -7,8 +7,7 @@
 #   RAPTR_SCHEDULE   --raptr-schedule (default 12@0,16@0.25,20@0.5,24@0.75: the paper's UL2
 #                    style schedule); empty: the full-model baseline
 #   TP, PP           tensor / pipeline model-parallel sizes (default 1, 1)
-#   SEQUENCE_PARALLEL  1: --sequence-parallel (TP > 1; needs Transformer Engine or Apex, whose
-#                    norms support it; megatron-core's torch fallback norm does not)
+#   SEQUENCE_PARALLEL  1: --sequence-parallel (TP > 1)
 #   MBS, GBS         micro / global batch size (default 4, 256)
 #   SEQ_LENGTH       default 2048
 #   TRAIN_ITERS      default 20000

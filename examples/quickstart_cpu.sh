@@ -34,11 +34,7 @@ DATA_DIR=${DATA_DIR:-data}
 RUN_DIR=${RUN_DIR:-runs/quickstart}
 PY=.venv/bin/python
 
-has_packages='import importlib.util as u, sys
-sys.exit(not all(u.find_spec(m) for m in ("torch", "megatron.core", "sentencepiece")))'
-if [ ! -x "$PY" ] || ! "$PY" -c "$has_packages"; then
-    bash tools/setup_env.sh
-fi
+bash tools/setup_env.sh
 
 CORPUS=$DATA_DIR/corpus
 if [ ! -f "$CORPUS/corpus.json" ]; then
