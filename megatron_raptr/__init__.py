@@ -19,7 +19,6 @@ from megatron_raptr.layer import (
     get_gpt_raptr_block_spec,
     get_gpt_raptr_layer_spec,
     raptr_layer_spec,
-    set_path,
 )
 from megatron_raptr.layout import pipeline_layout
 from megatron_raptr.sampler import Path, PathSampler
@@ -38,6 +37,5 @@ __all__ = [
     "get_gpt_raptr_layer_spec",
     "pipeline_layout",
     "raptr_layer_spec",
-    "set_path",
     "verify_path_sync",
 ]

@@ -1,8 +1,8 @@
 """Megatron-Core integration: a transformer layer that is the identity off the path.
 
 Use ``get_gpt_raptr_layer_spec()`` (or ``raptr_layer_spec(spec)`` on any
-TransformerLayer spec) when building the model, then call ``set_path(model, path)``
-once per training iteration. An off-path layer returns its input: no forward, no
+TransformerLayer spec) when building the model, then apply each iteration's path
+with a ``PathSetter``. An off-path layer returns its input: no forward, no
 backward, no saved activations. In eval mode every layer runs, unscaled.
 """
 
@@ -118,8 +118,3 @@ class PathSetter:
                     skipped.extend(p for p in layer.parameters() if p.requires_grad)
             if isinstance(chunk, RaptrDistributedDataParallel):
                 chunk.set_skipped_parameters(skipped)
-
-
-def set_path(model: ModelChunks, path: Path) -> None:
-    """One-off form of PathSetter; training loops should keep a PathSetter."""
-    PathSetter(model)(path)

@@ -32,7 +32,8 @@ def losses(records):
 
 
 def test_metrics_records_have_the_documented_fields(tmp_path):
-    train, evals = run(tmp_path, "fields", RAPTR + ["--raptr-verify-sync", "1"], world_size=1)
+    train, evals = run(tmp_path, "fields", RAPTR + ["--raptr-verify-sync", "1", "--raptr-stage-warmup-iters", "2"],
+                       world_size=1)
     assert [r["iteration"] for r in train] == list(range(1, 9))
     assert set(train[0]) >= {"iteration", "stage", "path_length", "active_layers", "lm_loss", "lr", "grad_norm",
                              "tokens", "step_flops", "cumulative_flops", "elapsed_s"}
@@ -42,6 +43,10 @@ def test_metrics_records_have_the_documented_fields(tmp_path):
     assert train[-1]["cumulative_flops"] == pytest.approx(sum(r["step_flops"] for r in train))
     assert [r["iteration"] for r in evals] == [4, 8]
     assert all(set(r) == {"iteration", "val_loss", "val_ppl"} for r in evals)
+    # Megatron's linear decay after 2 warm-up steps to 0 at step 8: step t trains at 1e-3 * (8 - t) / 6;
+    # the stage starting at step 4 re-warms over 2 steps.
+    assert [r["lr"] for r in train[2:]] == pytest.approx([1e-3 * (8 - t) / 6 * (0.5 if t == 4 else 1)
+                                                          for t in range(2, 8)])
 
 
 def test_baseline_equals_full_model_schedule(tmp_path):

@@ -65,7 +65,7 @@ def main():
     for step in range(bench.steps + 2):
         for name, (trainer, iterator) in runs.items():
             trainer.apply_path(step)
-            kwargs = trainer._schedule_kwargs(iterator, forward_only=False)
+            kwargs = trainer.schedule_kwargs(iterator, forward_only=False)
             for chunk in trainer.model:
                 chunk.zero_grad_buffer()
             fb = timed(lambda: trainer.forward_backward(**kwargs))

@@ -77,7 +77,7 @@ class Trainer:
         self.metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir,
                                      enabled=dist.get_rank() == dist.get_world_size() - 1)
 
-    def _schedule_kwargs(self, data_iterator, forward_only: bool) -> dict:
+    def schedule_kwargs(self, data_iterator, forward_only: bool) -> dict:
         return dict(
             forward_step_func=forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
@@ -98,7 +98,7 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self.forward_backward(**self._schedule_kwargs(data_iterator, forward_only=False))
+        losses = self.forward_backward(**self.schedule_kwargs(data_iterator, forward_only=False))
         lr_scale = 1.0
         for hook in self.hooks:
             lr_scale *= hook.lr_scale(self.schedule, t)
@@ -129,7 +129,7 @@ class Trainer:
         )
         losses = []
         for _ in range(self.args.eval_iters):
-            losses.extend(self.forward_backward(**self._schedule_kwargs(iterator, forward_only=True)))
+            losses.extend(self.forward_backward(**self.schedule_kwargs(iterator, forward_only=True)))
         for chunk in self.model:
             chunk.train()
         return _mean_loss(losses)
