@@ -13,18 +13,29 @@ MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 3
 RAPTR = ["--raptr-schedule", "2@0,3@0.5", "--raptr-sampling", "fixed-size"]
 
 
-def _pretrain(argv):
+def _pretrain_each(argvs):
+    """Several runs in one process group, as separate launches would do them."""
+    from megatron.core import parallel_state
+
     from megatron_raptr.training.loop import pretrain
 
-    pretrain(argv)
+    for argv in argvs:
+        pretrain(argv)
+        parallel_state.destroy_model_parallel()
+
+
+def records(tmp_path, name):
+    return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+
+def train_records(tmp_path, name):
+    return [r for r in records(tmp_path, name) if "lm_loss" in r]
 
 
 def run(tmp_path, name, extra, world_size=2, iters=8):
-    metrics = tmp_path / f"{name}.jsonl"
-    argv = MODEL + ["--train-iters", str(iters), "--metrics-file", str(metrics)] + extra
-    run_distributed(_pretrain, world_size, argv)
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [r for r in records if "lm_loss" in r], [r for r in records if "val_loss" in r]
+    argv = MODEL + ["--train-iters", str(iters), "--metrics-file", str(tmp_path / f"{name}.jsonl")] + extra
+    run_distributed(_pretrain_each, world_size, [argv])
+    return train_records(tmp_path, name), [r for r in records(tmp_path, name) if "val_loss" in r]
 
 
 def losses(records):
@@ -50,10 +61,15 @@ def test_metrics_records_have_the_documented_fields(tmp_path):
 
 
 def test_baseline_equals_full_model_schedule(tmp_path):
-    baseline, _ = run(tmp_path, "baseline", [])
-    full, _ = run(tmp_path, "full", ["--raptr-schedule", "4@0"])
+    def argv(name, *extra):
+        return MODEL + ["--train-iters", "8", "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra]
+
+    run_distributed(_pretrain_each, 2, [argv("baseline"), argv("full", "--raptr-schedule", "4@0"),
+                                        argv("full-bf16", "--raptr-schedule", "4@0", "--bf16")])
+    baseline, full, bf16 = (train_records(tmp_path, name) for name in ("baseline", "full", "full-bf16"))
     assert losses(baseline) == losses(full)
     assert all(r["path_length"] == 4 for r in baseline)
+    assert losses(bf16) == pytest.approx(losses(full), rel=0.02)
 
 
 def test_overlapped_grad_reduce_with_distributed_optimizer_matches_plain_ddp(tmp_path):
@@ -61,17 +77,6 @@ def test_overlapped_grad_reduce_with_distributed_optimizer_matches_plain_ddp(tmp
     overlapped, _ = run(tmp_path, "overlap", RAPTR + ["--overlap-grad-reduce", "--use-distributed-optimizer"])
     assert [r["active_layers"] for r in plain] == [r["active_layers"] for r in overlapped]
     assert losses(overlapped) == pytest.approx(losses(plain), rel=1e-6)
-
-
-def _pretrain_each(argvs):
-    """Several runs in one process group, as separate launches would do them."""
-    from megatron.core import parallel_state
-
-    from megatron_raptr.training.loop import pretrain
-
-    for argv in argvs:
-        pretrain(argv)
-        parallel_state.destroy_model_parallel()
 
 
 def test_resume_repeats_the_run_under_every_layout(tmp_path):
@@ -99,25 +104,21 @@ def test_resume_repeats_the_run_under_every_layout(tmp_path):
         argv("first-stage-only-pp2", "--load", ckpt, "--pipeline-model-parallel-size", "2", *first_stage_only),
     ])
 
-    def train_records(name):
-        records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-        return [r for r in records if "lm_loss" in r]
-
-    reference = train_records("uninterrupted")
-    assert [r["iteration"] for r in train_records("first-half")] == [1, 2, 3, 4]
-    assert losses(train_records("first-half")) == losses(reference[:4])
-    resumed = train_records("resumed")
+    reference = train_records(tmp_path, "uninterrupted")
+    assert [r["iteration"] for r in train_records(tmp_path, "first-half")] == [1, 2, 3, 4]
+    assert losses(train_records(tmp_path, "first-half")) == losses(reference[:4])
+    resumed = train_records(tmp_path, "resumed")
     assert [r["iteration"] for r in resumed] == [5, 6, 7, 8]
     assert [r["active_layers"] for r in resumed] == [r["active_layers"] for r in reference[4:]]
     assert losses(resumed) == losses(reference[4:])
     assert resumed[-1]["cumulative_flops"] == reference[-1]["cumulative_flops"]
     for layout in ("tp2", "pp2", "dp2"):
-        records = train_records(layout)
-        assert [r["active_layers"] for r in records] == [r["active_layers"] for r in reference[4:]], layout
-        assert losses(records) == pytest.approx(losses(reference[4:]), rel=2e-5), layout
-    edge = train_records("first-stage-only")
+        continued = train_records(tmp_path, layout)
+        assert [r["active_layers"] for r in continued] == [r["active_layers"] for r in reference[4:]], layout
+        assert losses(continued) == pytest.approx(losses(reference[4:]), rel=2e-5), layout
+    edge = train_records(tmp_path, "first-stage-only")
     assert all(r["active_layers"] == [1, 2] for r in edge)
-    assert losses(train_records("first-stage-only-pp2")) == pytest.approx(losses(edge), rel=2e-5)
+    assert losses(train_records(tmp_path, "first-stage-only-pp2")) == pytest.approx(losses(edge), rel=2e-5)
 
 
 def test_pipeline_balanced_paths_load_every_pipeline_stage_equally(tmp_path):

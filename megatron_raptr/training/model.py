@@ -10,6 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.layer import get_gpt_raptr_block_spec
@@ -72,6 +73,8 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
         position_embedding_type=args.position_embedding_type,
     )
     model.to(current_device())
+    if args.bf16 or args.fp16:
+        model = Float16Module(config, model)  # casts inputs to half, the last stage's output to fp32
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         overlap_grad_reduce=args.overlap_grad_reduce,
