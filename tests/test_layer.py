@@ -112,3 +112,15 @@ def test_kept_layer_scales_its_residual_update():
         skipped_out, _ = layer(hidden_states=x, attention_mask=None)
     torch.testing.assert_close(scaled_out - x, 2.5 * (plain_out - x))
     assert skipped_out is x
+
+
+def test_plain_megatron_ddp_with_overlap_is_refused():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_raptr import RaptrDistributedDataParallel
+
+    model = gpt(2, get_gpt_raptr_layer_spec())
+    overlap = DistributedDataParallelConfig(overlap_grad_reduce=True)
+    with pytest.raises(TypeError, match="RaptrDistributedDataParallel"):
+        PathSetter(DistributedDataParallel(model.config, overlap, model))
+    PathSetter(RaptrDistributedDataParallel(model.config, overlap, gpt(2, get_gpt_raptr_layer_spec())))
