@@ -50,30 +50,32 @@ def raptr_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(spec, module=RaptrTransformerLayer)
 
 
-def _local_norm():
-    """Apex's fused norm when installed, else a torch norm that supports sequence parallelism."""
-    return SequenceParallelTorchNorm if gpt_layer_specs.LNImpl is WrappedTorchNorm else gpt_layer_specs.LNImpl
+def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, normalization: str = "LayerNorm",
+                             **kwargs) -> ModuleSpec:
+    """Megatron's GPT layer spec (Transformer Engine when installed, else local) gated by RaPTr.
 
-
-def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, **kwargs) -> ModuleSpec:
-    """Megatron's GPT layer spec (Transformer Engine when installed, else local) gated by RaPTr."""
+    Where the local spec falls back to torch norms (no Apex), they are replaced by ones
+    that support sequence parallelism. Transformer Engine's norms follow the config.
+    """
     if use_transformer_engine is None:
         use_transformer_engine = gpt_layer_specs.HAVE_TE
     if use_transformer_engine:
         return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs))
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(**kwargs)
-    norms = dataclasses.replace(spec.submodules, input_layernorm=_local_norm(), pre_mlp_layernorm=_local_norm())
-    return raptr_layer_spec(dataclasses.replace(spec, submodules=norms))
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, **kwargs)
+    norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
+             if getattr(spec.submodules, name) is WrappedTorchNorm}
+    return raptr_layer_spec(dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms)))
 
 
 def get_gpt_raptr_block_spec(config: TransformerConfig, use_transformer_engine: bool = None,
                              **kwargs) -> TransformerBlockSubmodules:
-    """This pipeline stage's decoder block: RaPTr layers and the final norm."""
+    """This pipeline stage's decoder block: RaPTr layers and a final norm like theirs."""
     if use_transformer_engine is None:
         use_transformer_engine = gpt_layer_specs.HAVE_TE
+    layer = get_gpt_raptr_layer_spec(use_transformer_engine, config.normalization, **kwargs)
     return TransformerBlockSubmodules(
-        layer_specs=[get_gpt_raptr_layer_spec(use_transformer_engine, **kwargs)] * get_num_layers_to_build(config),
-        layer_norm=gpt_layer_specs.TENorm if use_transformer_engine else _local_norm(),
+        layer_specs=[layer] * get_num_layers_to_build(config),
+        layer_norm=gpt_layer_specs.TENorm if use_transformer_engine else layer.submodules.input_layernorm,
     )
 
 

@@ -60,7 +60,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
     """
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_raptr_block_spec(config, normalization=args.normalization),
+        transformer_layer_spec=get_gpt_raptr_block_spec(config),
         vocab_size=padded_vocab_size(vocab_size, args),
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
