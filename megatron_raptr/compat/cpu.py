@@ -93,6 +93,21 @@ class _CudaOnCpu(types.ModuleType):
     def synchronize(device=None):
         """CPU kernels and gloo collectives have completed when they return."""
 
+    @staticmethod
+    def current_stream(device=None):
+        # Megatron-Core 0.17+ waits on CUDA-graph events in DDP's start_grad_sync.
+        return _NoStream()
+
+
+class _NoStream:
+    """The CPU's one implicit stream: there is never anything to wait for."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
 
 class _TorchOnCpu(types.ModuleType):
     """`torch` whose tensor factories put `device="cuda"` on the CPU."""

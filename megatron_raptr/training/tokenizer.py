@@ -11,8 +11,12 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizer
+from megatron.core.tokenizers import megatron_tokenizer
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
+
+# Megatron-Core 0.16 calls the synthetic-token library "null", later releases "null-text".
+_NULL_LIBRARY = "null" if "null" in getattr(megatron_tokenizer, "TOKENIZER_LIBRARIES", ()) else "null-text"
 
 # SentencePiece's default order (unk, bos, eos) plus a real pad piece. Megatron-core uses
 # eod = eos for SentencePiece, so documents end with id 2; the pad id never occurs in the data.
@@ -81,7 +85,7 @@ def build_tokenizer(args):
                 f"--tokenizer-model: {args.tokenizer_model} is not a SentencePiece model ({err})"
             ) from None
     return MegatronTokenizer.from_pretrained(
-        metadata_path={"library": "null"}, vocab_size=args.vocab_size
+        metadata_path={"library": _NULL_LIBRARY}, vocab_size=args.vocab_size
     )
 
 
