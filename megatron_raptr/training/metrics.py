@@ -33,9 +33,9 @@ class MetricsWriter:
             for key in ("lm_loss", "lr", "grad_norm", "path_length", "stage"):
                 if record[key] is not None:  # no grad norm on a skipped fp16 step
                     self._tensorboard.add_scalar(f"train/{key}", record[key], step)
-            # Loss against compute is the figure RaPTr is judged by; steps are int64, so TFLOPs.
-            tflops = int(record["cumulative_flops"] / 1e12)
-            self._tensorboard.add_scalar("train/lm_loss_vs_cumulative_tflops", record["lm_loss"], tflops)
+            # Loss against compute is the figure RaPTr is judged by; steps are int64, so GFLOPs.
+            gflops = int(record["cumulative_flops"] / 1e9)
+            self._tensorboard.add_scalar("train/lm_loss_vs_cumulative_gflops", record["lm_loss"], gflops)
 
     def eval(self, record: dict) -> None:
         self._write(record)
