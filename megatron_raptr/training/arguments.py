@@ -175,6 +175,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
 def build_schedule(args: argparse.Namespace) -> RaptrSchedule:
     """The run's schedule; without --raptr-schedule the full model at every step (the baseline)."""
     if args.raptr_schedule is None:
+        for flag in ("raptr_fixed_layers", "raptr_stage_warmup_iters"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} needs --raptr-schedule")
         return RaptrSchedule.full_model(args.num_layers)
     return RaptrSchedule.parse(
         args.raptr_schedule, args.num_layers, args.train_iters,
