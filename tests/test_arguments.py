@@ -30,3 +30,16 @@ def test_bad_arguments_name_the_flag(extra, world_size, message, capsys):
         parse_args(BASE + extra, world_size=world_size)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for flag in ("--save", "--tensorboard-dir"):
+        with pytest.raises(SystemExit):
+            parse_args(BASE + [flag, str(blocker / "sub")])
+        assert f"{flag}: cannot create" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--metrics-file", str(blocker / "metrics.jsonl")])
+    assert "--metrics-file: cannot create" in capsys.readouterr().err
+

@@ -1,6 +1,7 @@
 """Command line of pretrain_raptr.py: Megatron-LM's flag names plus the --raptr-* group."""
 
 import argparse
+import os
 from typing import List, Optional
 
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
@@ -162,6 +163,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
+    for flag, directory in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir),
+                            ("--metrics-file", args.metrics_file and os.path.dirname(os.path.abspath(args.metrics_file)))):
+        _check_writable(flag, directory)
     if args.metrics_file and args.metrics_file == args.tensorboard_dir:
         raise ValueError("--metrics-file and --tensorboard-dir must differ")
     if args.tensorboard_dir:
@@ -170,6 +174,18 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except ImportError:
             raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
     args.raptr = build_schedule(args)
+
+
+def _check_writable(flag: str, directory: Optional[str]) -> None:
+    """Outputs must be writable before training, not found unwritable at the first save."""
+    if not directory:
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag}: cannot create {directory} ({error.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"{flag}: {directory} is not writable")
 
 
 def build_schedule(args: argparse.Namespace) -> RaptrSchedule:
