@@ -91,7 +91,8 @@ def raptr_layers(model: ModelChunks) -> List[RaptrTransformerLayer]:
 class PathSetter:
     """Applies a Path to a model's layers (and its DDP wrappers) once per iteration.
 
-    Finds the layers once, so the per-step cost is a loop over this rank's layers.
+    Finds the layers and their parameters once, so the per-step cost is a loop over
+    this rank's layers.
     """
 
     def __init__(self, model: ModelChunks):
@@ -99,6 +100,9 @@ class PathSetter:
         self.layers: Dict[torch.nn.Module, List[RaptrTransformerLayer]] = {
             chunk: raptr_layers(chunk) for chunk in self.chunks
         }
+        # Parameter lists are fixed after building; gathered once, not on every step.
+        self.trainable = {layer: [p for p in layer.parameters() if p.requires_grad]
+                          for layers in self.layers.values() for layer in layers}
         if not any(self.layers.values()):
             raise ValueError("the model has no RaptrTransformerLayer: build it with get_gpt_raptr_layer_spec()")
         for chunk in self.chunks:
@@ -117,6 +121,6 @@ class PathSetter:
                 layer.raptr_active = layer.layer_number in active
                 layer.raptr_scale = path.scales.get(layer.layer_number, 1.0)
                 if not layer.raptr_active:
-                    skipped.extend(p for p in layer.parameters() if p.requires_grad)
+                    skipped.extend(self.trainable[layer])
             if isinstance(chunk, RaptrDistributedDataParallel):
                 chunk.set_skipped_parameters(skipped)

@@ -48,6 +48,7 @@ class PathSampler:
         fixed = set(schedule.fixed_layers)
         self._free = [[layer for layer in group if layer not in fixed] for group in self.groups]
         self._fixed_count = [len(group) - len(free) for group, free in zip(self.groups, self._free)]
+        self._all_free = [layer for free in self._free for layer in free]
         self._keep = [self._keep_probabilities(index) for index in range(len(schedule.stages))]
 
     def path(self, iteration: int) -> Path:
@@ -70,13 +71,12 @@ class PathSampler:
 
     def _sample_free(self, stage: int, rng: np.random.Generator) -> Tuple[int, ...]:
         length = self.schedule.stages[stage].length
-        free = [layer for group in self._free for layer in group]
         if self.schedule.sampling == "bernoulli":
-            draws = rng.random(len(free))
-            return tuple(layer for layer, u in zip(free, draws) if u < self.schedule.keep_probability(stage))
+            draws = rng.random(len(self._all_free))
+            return tuple(layer for layer, u in zip(self._all_free, draws) if u < self.schedule.keep_probability(stage))
         if self.schedule.sampling == "fixed-size":
             count = int(length) - len(self.schedule.fixed_layers)
-            return tuple(int(layer) for layer in rng.choice(free, size=count, replace=False))
+            return tuple(int(layer) for layer in rng.choice(self._all_free, size=count, replace=False))
         counts, tied, extra = self._balanced_counts(int(length))
         for group in rng.choice(tied, size=extra, replace=False):
             counts[group] += 1
@@ -110,7 +110,7 @@ class PathSampler:
         keep = {layer: 1.0 for layer in self.schedule.fixed_layers}
         if self.schedule.sampling != "pipeline-balanced":
             p = self.schedule.keep_probability(stage)
-            keep.update({layer: p for group in self._free for layer in group})
+            keep.update({layer: p for layer in self._all_free})
             return keep
         counts, tied, extra = self._balanced_counts(int(self.schedule.stages[stage].length))
         for group, free in enumerate(self._free):

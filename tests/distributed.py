@@ -8,18 +8,13 @@ a hang fails after `timeout_s` instead of blocking the test run.
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_raptr.training.initialize import free_port
 
 
 def _worker(fn, rank, world_size, port, args, results):
@@ -47,7 +42,7 @@ def run_distributed(fn, world_size=2, *args, timeout_s=300):
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, results))
         for rank in range(world_size)

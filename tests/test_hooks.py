@@ -5,7 +5,7 @@ import json
 from megatron_raptr.hooks import StageHook, StageLRRewarmup
 from megatron_raptr.schedule import RaptrSchedule
 from tests.distributed import run_distributed
-from tests.test_pretrain import MODEL, RAPTR
+from tests.test_pretrain import MODEL, RAPTR, _pretrain_each
 
 
 class RecordStages(StageHook):
@@ -17,21 +17,11 @@ class RecordStages(StageHook):
             f.write(json.dumps([stage, iteration]) + "\n")
 
 
-def _pretrain_with_hook(argvs, record_path):
-    from megatron.core import parallel_state
-
-    from megatron_raptr.training.loop import pretrain
-
-    for argv in argvs:
-        pretrain(argv, hooks=[RecordStages(record_path)])
-        parallel_state.destroy_model_parallel()
-
-
 def test_hook_sees_every_stage_entry(tmp_path):
     record = tmp_path / "stages.jsonl"
     ckpt = str(tmp_path / "ckpt")
     argv = MODEL + RAPTR + ["--train-iters", "8", "--save", ckpt, "--load", ckpt]
-    run_distributed(_pretrain_with_hook, 1, [argv + ["--exit-interval", "3"], argv], str(record))
+    run_distributed(_pretrain_each, 1, [argv + ["--exit-interval", "3"], argv], [RecordStages(str(record))])
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     # First launch: stage 0 at 0; second launch resumes at 3 in stage 0, then stage 1 at 4.
     assert calls == [[0, 0], [0, 3], [1, 4]]

@@ -13,14 +13,14 @@ MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 3
 RAPTR = ["--raptr-schedule", "2@0,3@0.5", "--raptr-sampling", "fixed-size"]
 
 
-def _pretrain_each(argvs):
+def _pretrain_each(argvs, hooks=None):
     """Several runs in one process group, as separate launches would do them."""
     from megatron.core import parallel_state
 
     from megatron_raptr.training.loop import pretrain
 
     for argv in argvs:
-        pretrain(argv)
+        pretrain(argv, hooks=hooks)
         parallel_state.destroy_model_parallel()
 
 

@@ -21,7 +21,8 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,7 +68,7 @@ def initialize_distributed(
         if port is None:
             if world_size > 1:
                 raise RuntimeError("MASTER_PORT is not set: launch with torchrun")
-            port = _free_port()  # a single process rendezvouses with itself
+            port = free_port()  # a single process rendezvouses with itself
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{addr}:{port}",
