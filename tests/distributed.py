@@ -1,4 +1,4 @@
-"""Run a test function on several CPU processes, as torchrun would launch them.
+"""Run a test function on several CPU processes (also on GPU machines), as torchrun would launch them.
 
 Each rank gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in its
 environment (so the function can call initialize_distributed()) and one torch
@@ -47,8 +47,17 @@ def run_distributed(fn, world_size=2, *args, timeout_s=300):
         ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, results))
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    # Ranks compute on the CPU even where there is a GPU: one GPU cannot host two ranks.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     outputs = {}
     deadline = time.monotonic() + timeout_s
     try:

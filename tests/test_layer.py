@@ -13,6 +13,8 @@ from megatron_raptr.sampler import Path
 from megatron_raptr.training.initialize import destroy_distributed, initialize_distributed
 
 VOCAB, SEQ, BATCH, HIDDEN = 256, 32, 2, 64
+# On a GPU machine Megatron's local attention allocates its buffers on the GPU: test there.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,12 +31,12 @@ def config(num_layers):
 
 def gpt(num_layers, spec):
     torch.manual_seed(0)
-    return GPTModel(config(num_layers), spec, vocab_size=VOCAB, max_sequence_length=SEQ)
+    return GPTModel(config(num_layers), spec, vocab_size=VOCAB, max_sequence_length=SEQ).to(DEVICE)
 
 
 def batch():
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    return tokens[:, :-1], torch.arange(SEQ).expand(BATCH, SEQ), tokens[:, 1:]
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    return tokens[:, :-1], torch.arange(SEQ, device=DEVICE).expand(BATCH, SEQ), tokens[:, 1:]
 
 
 def train_step(model):
@@ -62,6 +64,31 @@ def test_path_of_k_layers_costs_a_dense_k_layer_model():
     assert activation_bytes == dense_activation_bytes
     # The FLOPs accounting agrees with an independent count of every matmul.
     assert flops == step_flops(raptr.config, VOCAB, SEQ, BATCH * SEQ, path_length=3)
+
+
+def test_path_equals_a_dense_model_of_exactly_its_layers():
+    """Same loss, and the same gradients for every weight, as a dense Megatron GPT whose
+    layers are the active ones' (their weights copied); untouched by the skipped ones."""
+    active = (1, 3, 6)
+    raptr = gpt(6, get_gpt_raptr_layer_spec())
+    dense = gpt(len(active), get_gpt_layer_local_spec())
+
+    def raptr_name(dense_name):
+        for new, old in enumerate(active):
+            prefix = f"decoder.layers.{new}."
+            if dense_name.startswith(prefix):
+                return f"decoder.layers.{old - 1}." + dense_name[len(prefix):]
+        return dense_name
+
+    raptr_weights = raptr.state_dict()
+    dense.load_state_dict({name: raptr_weights[raptr_name(name)] for name in dense.state_dict()})
+    PathSetter(raptr)(path(active))
+    *_, raptr_loss = train_step(raptr)
+    *_, dense_loss = train_step(dense)
+    torch.testing.assert_close(raptr_loss, dense_loss, rtol=1e-6, atol=0)
+    raptr_grads = {name: p.grad for name, p in raptr.named_parameters()}
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(raptr_grads[raptr_name(name)], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_skipped_layers_get_no_gradient():
@@ -103,7 +130,7 @@ def test_eval_runs_the_full_model_unscaled():
 def test_kept_layer_scales_its_residual_update():
     raptr = gpt(2, get_gpt_raptr_layer_spec())
     layer = raptr.decoder.layers[1]
-    x = torch.randn(SEQ, BATCH, HIDDEN)
+    x = torch.randn(SEQ, BATCH, HIDDEN, device=DEVICE)
     with torch.no_grad():
         plain_out, _ = layer(hidden_states=x, attention_mask=None)
         layer.raptr_scale = 2.5
