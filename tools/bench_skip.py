@@ -3,12 +3,16 @@
 Both models train side by side in one process, steps interleaved so machine noise
 hits both alike; prints the median step times and their ratio (goal: <= 1.02).
 The forward+backward ratio is printed apart from the whole step, because the
-optimizer still updates the L - k idle layers (with zero gradients).
+optimizer still updates the L - k idle layers (with zero gradients). On a GPU every
+timing is bracketed by torch.cuda.synchronize(), and model TFLOP/s (active layers
+only), MFU and peak memory are reported too; --json writes all figures.
 
     python tools/bench_skip.py --layers 12 --path 4 --hidden-size 256
+    python tools/bench_skip.py --layers 24 --path 12 --hidden-size 2048 --seq-length 2048 --bf16
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -21,6 +25,9 @@ from megatron_raptr.training.initialize import initialize_distributed
 from megatron_raptr.training.loop import Trainer
 from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
 from megatron_raptr.training.tokenizer import build_tokenizer
+
+# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
 
 
 def build(num_layers, common, raptr):
@@ -36,50 +43,122 @@ def build(num_layers, common, raptr):
     return trainer, iterator
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
-def main():
+def peak_tflops(device_name):
+    return next((peak for model, peak in PEAK_BF16_TFLOPS.items() if model in device_name), None)
+
+
+def parse_bench_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--path", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=20)
-    bench = parser.parse_args()
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    bench = parser.parse_args(argv)
+    if not 1 <= bench.path <= bench.layers:
+        parser.error(f"--path {bench.path} must be between 1 and --layers {bench.layers}")
+    return bench
+
+
+def run(bench):
     common = (f"--hidden-size {bench.hidden_size} --num-attention-heads {bench.hidden_size // 64} "
               f"--seq-length {bench.seq_length} --micro-batch-size {bench.micro_batch_size} "
               f"--train-iters {2 * bench.steps + 4} --lr 1e-4 --hidden-dropout 0 --attention-dropout 0 "
-              "--mock-data --tokenizer-type NullTokenizer --vocab-size 8000 --eval-iters 0").split()
+              f"--mock-data --tokenizer-type NullTokenizer --vocab-size {bench.vocab_size} --eval-iters 0"
+              ).split() + (["--bf16"] if bench.bf16 else [])
     initialize_distributed(1, 1, seed=1234)
     raptr = ["--raptr-schedule", f"{bench.path}@0", "--raptr-sampling", "fixed-size", "--raptr-fixed-layers"]
     runs = {
         "raptr": build(bench.layers, common, raptr),
         "dense": build(bench.path, common, []),
     }
+    cuda = torch.cuda.is_available()
     times = {name: {"step": [], "forward_backward": []} for name in runs}
+    peak_bytes, step_bytes = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0)
     for step in range(bench.steps + 2):
         for name, (trainer, iterator) in runs.items():
             trainer.apply_path(step)
             kwargs = trainer.schedule_kwargs(iterator, forward_only=False)
             for chunk in trainer.model:
                 chunk.zero_grad_buffer()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             fb = timed(lambda: trainer.forward_backward(**kwargs))
             opt = timed(trainer.optimizer.step)
+            if cuda:
+                peak_bytes[name] = max(peak_bytes[name], torch.cuda.max_memory_allocated())
+                step_bytes[name] = max(step_bytes[name], torch.cuda.max_memory_allocated() - resident)
             if step >= 2:  # warm-up steps excluded
                 times[name]["forward_backward"].append(fb)
                 times[name]["step"].append(fb + opt)
-    print(f"path {bench.path} of {bench.layers} layers vs dense {bench.path} layers, hidden {bench.hidden_size}, "
-          f"{bench.micro_batch_size} x {bench.seq_length} tokens, {bench.steps} steps, torch threads "
-          f"{torch.get_num_threads()}")
+
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = peak_tflops(device) if cuda and bench.bf16 else None
+    result = {"device": device, "dtype": "bf16" if bench.bf16 else "fp32", "layers": bench.layers,
+              "path": bench.path, "hidden_size": bench.hidden_size, "seq_length": bench.seq_length,
+              "micro_batch_size": bench.micro_batch_size, "steps": bench.steps, "peak_tflops": peak}
+    for name, (trainer, _) in runs.items():
+        # Model FLOPs of the active layers: the same for both models by construction.
+        flops = trainer.flops(bench.path)
+        step_s = statistics.median(times[name]["step"])
+        tflops = flops / step_s / 1e12
+        result[name] = {
+            "forward_backward_ms": 1000 * statistics.median(times[name]["forward_backward"]),
+            "step_ms": 1000 * step_s,
+            "model_tflops": tflops,
+            "mfu": None if peak is None else tflops / peak,
+            # Both models live in the process: the peak holds both; the step's own share apart.
+            "peak_memory_gib": peak_bytes[name] / 2**30 if cuda else None,
+            "step_memory_gib": step_bytes[name] / 2**30 if cuda else None,
+        }
     for part in ("forward_backward", "step"):
-        dense = statistics.median(times["dense"][part])
-        ours = statistics.median(times["raptr"][part])
-        print(f"  {part:16s} raptr {ours * 1000:8.1f} ms  dense {dense * 1000:8.1f} ms  ratio {ours / dense:.3f}")
+        result[f"{part}_ratio"] = result["raptr"][f"{part}_ms"] / result["dense"][f"{part}_ms"]
+    return result
+
+
+def report(result):
+    """A short text table of run()'s figures."""
+    lines = [f"{result['device']}, {result['dtype']}: path {result['path']} of {result['layers']} layers vs a dense "
+             f"{result['path']}-layer model, hidden {result['hidden_size']}, "
+             f"{result['micro_batch_size']} x {result['seq_length']} tokens, median of {result['steps']} steps",
+             f"  {'':8s} {'fwd+bwd ms':>11s} {'step ms':>9s} {'TFLOP/s':>9s} {'MFU':>6s} {'peak GiB':>9s} {'step GiB':>9s}"]
+    for name in ("raptr", "dense"):
+        r = result[name]
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        memory = " ".join("        -" if r[key] is None else f"{r[key]:9.1f}"
+                          for key in ("peak_memory_gib", "step_memory_gib"))
+        lines.append(f"  {name:8s} {r['forward_backward_ms']:11.1f} {r['step_ms']:9.1f} {r['model_tflops']:9.2f} "
+                     f"{mfu:>6s} {memory}")
+    lines.append(f"  ratio raptr/dense: forward+backward {result['forward_backward_ratio']:.3f}, "
+                 f"whole step {result['step_ratio']:.3f}   (torch threads {torch.get_num_threads()})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    bench = parse_bench_args(argv)
+    result = run(bench)
+    print(report(result), flush=True)
+    if bench.json:
+        with open(bench.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
