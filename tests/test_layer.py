@@ -11,6 +11,7 @@ from megatron_raptr import PathSampler, PathSetter, RaptrSchedule, get_gpt_raptr
 from megatron_raptr.flops import step_flops
 from megatron_raptr.sampler import Path
 from megatron_raptr.training.initialize import destroy_distributed, initialize_distributed
+from tests.dense_reference import active_layers_state_dict
 
 VOCAB, SEQ, BATCH, HIDDEN = 256, 32, 2, 64
 # On a GPU machine Megatron's local attention allocates its buffers on the GPU: test there.
@@ -72,23 +73,14 @@ def test_path_equals_a_dense_model_of_exactly_its_layers():
     active = (1, 3, 6)
     raptr = gpt(6, get_gpt_raptr_layer_spec())
     dense = gpt(len(active), get_gpt_layer_local_spec())
-
-    def raptr_name(dense_name):
-        for new, old in enumerate(active):
-            prefix = f"decoder.layers.{new}."
-            if dense_name.startswith(prefix):
-                return f"decoder.layers.{old - 1}." + dense_name[len(prefix):]
-        return dense_name
-
-    raptr_weights = raptr.state_dict()
-    dense.load_state_dict({name: raptr_weights[raptr_name(name)] for name in dense.state_dict()})
+    dense.load_state_dict(active_layers_state_dict(raptr.state_dict(), active))
     PathSetter(raptr)(path(active))
     *_, raptr_loss = train_step(raptr)
     *_, dense_loss = train_step(dense)
     torch.testing.assert_close(raptr_loss, dense_loss, rtol=1e-6, atol=0)
-    raptr_grads = {name: p.grad for name, p in raptr.named_parameters()}
+    raptr_grads = active_layers_state_dict({name: p.grad for name, p in raptr.named_parameters()}, active)
     for name, p in dense.named_parameters():
-        torch.testing.assert_close(raptr_grads[raptr_name(name)], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(raptr_grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_skipped_layers_get_no_gradient():

@@ -22,9 +22,7 @@ from megatron.core import parallel_state
 from megatron_raptr.training import data
 from megatron_raptr.training.arguments import parse_args
 from megatron_raptr.training.initialize import initialize_distributed
-from megatron_raptr.training.loop import Trainer
-from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
-from megatron_raptr.training.tokenizer import build_tokenizer
+from megatron_raptr.training.loop import build_trainer
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
@@ -32,11 +30,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, 
 
 def build(num_layers, common, raptr):
     args = parse_args(common + ["--num-layers", str(num_layers)] + raptr)
-    config = transformer_config(args)
-    tokenizer = build_tokenizer(args)
-    model = build_model(args, config, tokenizer.vocab_size)
-    optimizer, scheduler = build_optimizer(args, config, model)
-    trainer = Trainer(args, config, model, optimizer, scheduler, tokenizer.vocab_size, hooks=[])
+    trainer, tokenizer = build_trainer(args)
     train, _ = data.build_datasets(args, tokenizer)
     iterator = data.build_data_iterator(train, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                                         parallel_state.get_data_parallel_world_size(), consumed_samples=0)

@@ -4,7 +4,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -211,6 +211,20 @@ def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def build_trainer(args, hooks: Sequence[StageHook] = ()) -> Tuple[Trainer, object]:
+    """The model, optimizer and LR schedule of parsed arguments in a Trainer; and the tokenizer.
+
+    For tools and tests that drive the training step themselves (after initialize_distributed).
+    """
+    tokenizer = build_tokenizer(args)
+    config = transformer_config(args)
+    model = build_model(args, config, tokenizer.vocab_size)
+    optimizer, scheduler = build_optimizer(args, config, model)
+    trainer = Trainer(args, config, model, optimizer, scheduler, tokenizer.vocab_size,
+                      list(hooks) + default_hooks(args))
+    return trainer, tokenizer
 
 
 def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] = None) -> Optional[float]:

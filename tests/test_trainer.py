@@ -1,0 +1,146 @@
+"""The trainer trains what it reports, checked against plain Megatron-Core computations
+from the same weights and batches (one process)."""
+
+import dataclasses
+
+import pytest
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_raptr import get_gpt_raptr_layer_spec
+from megatron_raptr.training import data
+from megatron_raptr.training.arguments import parse_args
+from megatron_raptr.training.initialize import destroy_distributed, initialize_distributed
+from megatron_raptr.training.loop import TrainState, build_trainer
+from megatron_raptr.training.model import padded_vocab_size
+from tests.dense_reference import active_layers_state_dict
+
+MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
+         "--global-batch-size 4 --train-iters 3 --lr 1e-3 --lr-decay-style constant --hidden-dropout 0 "
+         "--attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 500 --eval-iters 1 "
+         "--seed 5").split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_megatron():
+    initialize_distributed(1, 1, seed=5)
+    yield
+    destroy_distributed()
+
+
+def build(*argv):
+    args = parse_args(MODEL + list(argv))
+    trainer, tokenizer = build_trainer(args)
+    train, valid = data.build_datasets(args, tokenizer)
+    return args, trainer, train, valid
+
+
+def microbatches(args, dataset, count):
+    iterator = data.build_data_iterator(dataset, args.micro_batch_size, 0, 1, consumed_samples=0)
+    return [next(iterator) for _ in range(count)]
+
+
+def plain_gpt(trainer, args, num_layers, spec=None):
+    config = dataclasses.replace(trainer.config, num_layers=num_layers)
+    return GPTModel(config, spec or get_gpt_layer_local_spec(), vocab_size=padded_vocab_size(500, args),
+                    max_sequence_length=args.seq_length, share_embeddings_and_output_weights=True)
+
+
+def model_loss(model, batch):
+    """Masked mean of the per-token loss, as Megatron-LM's GPT loss."""
+    per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+    return (per_token.float() * mask).sum() / mask.sum()
+
+
+def mean_loss(model, batches):
+    return torch.stack([model_loss(model, batch) for batch in batches]).mean().item()
+
+
+def weights(trainer):
+    return {name: value.clone() if torch.is_tensor(value) else value  # None: layers' _extra_state
+            for name, value in trainer.model[0].module.state_dict().items()}
+
+
+def test_training_step_runs_exactly_the_reported_path():
+    """The step's loss is that of a dense Megatron GPT made of the reported layers, and the
+    optimizer leaves the other layers exactly as they were (zero gradient, no weight decay)."""
+    args, trainer, train, _ = build("--raptr-schedule", "2@0", "--raptr-sampling", "fixed-size",
+                                    "--raptr-fixed-layers", "--raptr-scaling", "none", "--weight-decay", "0")
+    before = weights(trainer)
+    record = trainer.train_step(TrainState(), data.build_data_iterator(train, args.micro_batch_size, 0, 1, 0))
+    active = record["active_layers"]
+    assert len(active) == 2
+    dense = plain_gpt(trainer, args, len(active))
+    dense.load_state_dict(active_layers_state_dict(before, active))
+    assert record["lm_loss"] == pytest.approx(mean_loss(dense, microbatches(args, train, args.num_microbatches)),
+                                              rel=1e-6)
+    after = weights(trainer)
+    for layer in range(1, 5):
+        prefix = f"decoder.layers.{layer - 1}."
+        changed = [not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix) and "weight" in n]
+        assert all(changed) if layer in active else not any(changed), (layer, active)
+
+
+def test_training_step_scales_the_kept_layers_and_validation_runs_the_full_model_unscaled():
+    args, trainer, train, valid = build("--raptr-schedule", "3@0", "--raptr-sampling", "fixed-size")
+    path = trainer.sampler.path(0)
+    assert sorted(set(path.scales.values())) == [1.0, 2.0]  # one of the two free layers, kept with p = 1/2
+    before = weights(trainer)
+    record = trainer.train_step(TrainState(), data.build_data_iterator(train, args.micro_batch_size, 0, 1, 0))
+    gated = plain_gpt(trainer, args, 4, get_gpt_raptr_layer_spec())
+    gated.load_state_dict(before)
+    for layer in gated.decoder.layers:  # set by hand, not by the trainer's PathSetter
+        layer.raptr_active = layer.layer_number in path.active
+        layer.raptr_scale = path.scales.get(layer.layer_number, 1.0)
+    batches = microbatches(args, train, args.num_microbatches)
+    assert record["lm_loss"] == pytest.approx(mean_loss(gated, batches), rel=1e-6)
+    unscaled = plain_gpt(trainer, args, 3)
+    unscaled.load_state_dict(active_layers_state_dict(before, path.active))
+    assert record["lm_loss"] != pytest.approx(mean_loss(unscaled, batches), rel=1e-5)
+
+    # The trainer's model is still gated by that path; validation must not be.
+    full = plain_gpt(trainer, args, 4).eval()
+    full.load_state_dict(weights(trainer))
+    with torch.no_grad():
+        expected = mean_loss(full, microbatches(args, valid, args.eval_iters * args.num_microbatches))
+    assert trainer.evaluate(valid) == pytest.approx(expected, rel=1e-6)
+
+
+def test_baseline_trains_as_plain_megatron_core():
+    """Three baseline steps against Megatron's own DDP, optimizer and schedule on a plain GPT."""
+    args, trainer, train, _ = build()
+    model = plain_gpt(trainer, args, 4)
+    model.load_state_dict(weights(trainer))
+    config = model.config
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad), [ddp])
+    config.no_sync_func, config.finalize_model_grads_func = ddp.no_sync, finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+    def forward_step(iterator, module):
+        batch = next(iterator)
+        return model_loss(module, batch), lambda loss: (loss, {"loss": loss.detach().clone()})
+
+    batches = iter(microbatches(args, train, args.train_iters * args.num_microbatches))
+    expected = []
+    for _ in range(args.train_iters):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=False)
+        optimizer.step()
+        expected.append(torch.stack([o["loss"] for o in outputs]).mean().item())
+
+    state, iterator = TrainState(), data.build_data_iterator(train, args.micro_batch_size, 0, 1, 0)
+    losses = [trainer.train_step(state, iterator)["lm_loss"] for _ in range(args.train_iters)]
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert losses[-1] < losses[0]
