@@ -60,16 +60,20 @@ def test_metrics_records_have_the_documented_fields(tmp_path):
                                                           for t in range(2, 8)])
 
 
-def test_baseline_equals_full_model_schedule(tmp_path):
+def test_baseline_equals_full_model_schedule_and_bf16_tracks_fp32(tmp_path):
+    """(The baseline against plain Megatron-Core training: tests/test_trainer.py.)"""
     def argv(name, *extra):
         return MODEL + ["--train-iters", "8", "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra]
 
     run_distributed(_pretrain_each, 2, [argv("baseline"), argv("full", "--raptr-schedule", "4@0"),
-                                        argv("full-bf16", "--raptr-schedule", "4@0", "--bf16")])
-    baseline, full, bf16 = (train_records(tmp_path, name) for name in ("baseline", "full", "full-bf16"))
+                                        argv("raptr", *RAPTR), argv("raptr-bf16", *RAPTR, "--bf16")])
+    baseline, full, raptr, bf16 = (train_records(tmp_path, name)
+                                   for name in ("baseline", "full", "raptr", "raptr-bf16"))
     assert losses(baseline) == losses(full)
     assert all(r["path_length"] == 4 for r in baseline)
-    assert losses(bf16) == pytest.approx(losses(full), rel=0.02)
+    # From step 5 one of the two middle layers is kept with p = 1/2: its update is scaled by 2.
+    assert [r["active_layers"] for r in bf16] == [r["active_layers"] for r in raptr]
+    assert losses(bf16) == pytest.approx(losses(raptr), rel=0.02)
 
 
 def test_overlapped_grad_reduce_with_distributed_optimizer_matches_plain_ddp(tmp_path):
