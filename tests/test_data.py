@@ -2,7 +2,6 @@
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from megatron_raptr.training.tokenizer import (
     build_tokenizer,
     split_long_line,
 )
+from tests.documents import stdlib_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -47,20 +47,6 @@ def make_args(*argv, **trainer):
     for key, value in {**defaults, **trainer}.items():
         setattr(args, key, value)
     return args
-
-
-def stdlib_documents():
-    """A few hundred documents of real English: the docstrings of some standard modules."""
-    import argparse as m1, collections as m2, json as m3, pathlib as m4, subprocess as m5
-    import textwrap as m6, unittest as m7, logging as m8, functools as m9, typing as m10
-
-    documents = []
-    for module in (m1, m2, m3, m4, m5, m6, m7, m8, m9, m10):
-        for _, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if not isinstance(obj, str) else None
-            if doc and len(doc) > 80 and doc not in documents:
-                documents.append(doc)
-    return documents
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from tests.distributed import run_distributed
 
 MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
          "--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 2 "
-         "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 500 "
+         "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 512 "
          "--log-interval 4 --eval-interval 4 --eval-iters 1 --seed 11").split()
 RAPTR = ["--raptr-schedule", "2@0,3@0.5", "--raptr-sampling", "fixed-size"]
 

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
 from megatron_raptr.training import data
+from megatron_raptr.training.model import padded_vocab_size
 
 
 def _add_model_args(parser):
@@ -108,8 +109,8 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
     args = parser.parse_args(argv)
     try:
         validate_args(args, world_size)
-        data.validate_data_args(args)
-    except ValueError as error:
+        args.padded_vocab_size = padded_vocab_size(data.validate_data_args(args), args)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: checkpointing's --load errors
         parser.error(str(error))
     return args
 
