@@ -14,6 +14,18 @@ def test_derived_defaults():
     assert args.raptr.num_layers == 4 and args.raptr.stages[0].length == 4  # baseline: full model
 
 
+@pytest.mark.parametrize("fixed, expected", [(["1,4"], (1, 4)), (["1", "4"], (1, 4)), (["1,", "3,4"], (1, 3, 4)),
+                                             ([], ())])
+def test_fixed_layers_separated_by_commas_or_spaces(fixed, expected):
+    args = parse_args(BASE + ["--raptr-schedule", "3@0", "--raptr-fixed-layers", *fixed])
+    assert args.raptr.fixed_layers == expected
+
+
+def test_schedule_defaults():
+    args = parse_args(BASE + ["--raptr-schedule", "3@0"])
+    assert (args.raptr.fixed_layers, args.raptr.sampling, args.raptr.scaling) == ((1, 4), "bernoulli", "inverse-keep")
+
+
 @pytest.mark.parametrize("extra, world_size, message", [
     (["--tensor-model-parallel-size", "3"], 3, "--num-attention-heads 4 is not divisible by --tensor-model"),
     (["--pipeline-model-parallel-size", "2"], 3, "world size 3 is not divisible"),
@@ -22,6 +34,13 @@ def test_derived_defaults():
     (["--raptr-schedule", "2@0,3@20"], 1, "--raptr-schedule"),
     (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "5"], 1, "--raptr-fixed-layers must be distinct"),
     (["--raptr-fixed-layers", "1"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
+    (["--raptr-fixed-layers"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
+    (["--raptr-sampling", "fixed-size"], 1, "--raptr-sampling needs --raptr-schedule"),
+    (["--raptr-scaling", "none"], 1, "--raptr-scaling needs --raptr-schedule"),
+    (["--raptr-verify-sync", "5"], 1, "--raptr-verify-sync needs --raptr-schedule"),
+    (["--raptr-stage-warmup-iters", "5"], 1, "--raptr-stage-warmup-iters needs --raptr-schedule"),
+    (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "1,x"], 1,
+     "--raptr-fixed-layers: expected layer numbers separated by commas or spaces, got '1,x'"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
 ])
