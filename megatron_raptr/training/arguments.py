@@ -142,8 +142,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.world_size = world_size
     args.data_parallel_size = world_size // model_parallel
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                 "train_iters", "log_interval", "eval_interval"):
-        if getattr(args, flag) < 1:
+                 "train_iters", "log_interval", "eval_interval", "make_vocab_size_divisible_by",
+                 "ffn_hidden_size", "max_position_embeddings", "global_batch_size", "lr_decay_iters",
+                 "save_interval", "exit_interval"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: not given, defaulted below
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.hidden_size % args.num_attention_heads:
         raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
@@ -172,9 +174,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // micro_batches_per_step
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
-    for flag in ("save_interval", "exit_interval"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
