@@ -48,6 +48,7 @@ def test_schedule_defaults():
     (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
     (["--hidden-size", "66"], 1, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
     (["--max-position-embeddings", "16"], 1, "--max-position-embeddings 16 is shorter than --seq-length 32"),
+    (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be less than --lr-decay-iters 10"),
     (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--raptr-schedule", "2@0,3@20"], 1, "--raptr-schedule"),

@@ -174,6 +174,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // micro_batches_per_step
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be less than --lr-decay-iters "
+                         f"{args.lr_decay_iters} (default: --train-iters)")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
