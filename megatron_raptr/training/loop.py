@@ -19,7 +19,7 @@ from megatron_raptr.sampler import Path, PathSampler
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
-from megatron_raptr.training.initialize import current_device, initialize_distributed
+from megatron_raptr.training.initialize import current_device, initialize_distributed, megatron_fallbacks
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
 from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
 from megatron_raptr.training.tokenizer import build_tokenizer
@@ -217,6 +217,9 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            args.distributed_timeout_minutes)
+    fallbacks = megatron_fallbacks()
+    if fallbacks:
+        log(f"Transformer Engine/Apex not installed; Megatron-Core uses: {', '.join(fallbacks)}")
     tokenizer = build_tokenizer(args)
     config = transformer_config(args)
     model = build_model(args, config)
