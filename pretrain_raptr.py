@@ -5,7 +5,14 @@
 Without --raptr-schedule it trains the full model at every step: the baseline.
 """
 
-from megatron_raptr.training.loop import pretrain
+import warnings
+
+# Without Transformer Engine or Apex, several Megatron-Core modules warn in every process that
+# they fall back to torch; pretrain() names the fallbacks once instead.
+warnings.filterwarnings("ignore", r"(Transformer Engine and Apex are|Apex is) not installed", UserWarning,
+                        r"megatron\.core\.")
+
+from megatron_raptr.training.loop import pretrain  # noqa: E402  (after the filter: the warnings come at import)
 
 if __name__ == "__main__":
     pretrain()

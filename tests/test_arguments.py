@@ -1,5 +1,7 @@
 """Bad command lines fail before any work, naming the flag and what is wrong."""
 
+import sys
+
 import pytest
 
 from megatron_raptr.training.arguments import parse_args
@@ -11,17 +13,54 @@ BASE = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32
 def test_derived_defaults():
     args = parse_args(BASE + ["--global-batch-size", "16"], world_size=4)
     assert (args.data_parallel_size, args.num_microbatches, args.ffn_hidden_size) == (4, 2, 256)
+    assert (args.max_position_embeddings, args.lr_decay_iters) == (32, 10)
     assert args.raptr.num_layers == 4 and args.raptr.stages[0].length == 4  # baseline: full model
+    assert parse_args(BASE + ["--overlap-grad-reduce"], world_size=2).overlap_grad_reduce
+    assert not parse_args(BASE + ["--overlap-grad-reduce"], world_size=1).overlap_grad_reduce  # no DP to overlap
+
+
+POSITIVE = ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--micro-batch-size",
+            "--train-iters", "--log-interval", "--eval-interval", "--make-vocab-size-divisible-by",
+            "--ffn-hidden-size", "--max-position-embeddings", "--global-batch-size", "--lr-decay-iters",
+            "--save-interval", "--exit-interval"]
+NOT_NEGATIVE = ["--raptr-verify-sync", "--raptr-stage-warmup-iters", "--eval-iters", "--lr-warmup-iters"]
+
+
+@pytest.mark.parametrize("fixed, expected", [(["1,4"], (1, 4)), (["1", "4"], (1, 4)), (["1,", "3,4"], (1, 3, 4)),
+                                             ([], ())])
+def test_fixed_layers_separated_by_commas_or_spaces(fixed, expected):
+    args = parse_args(BASE + ["--raptr-schedule", "3@0", "--raptr-fixed-layers", *fixed])
+    assert args.raptr.fixed_layers == expected
+
+
+def test_schedule_defaults():
+    args = parse_args(BASE + ["--raptr-schedule", "3@0"])
+    assert (args.raptr.fixed_layers, args.raptr.sampling, args.raptr.scaling) == ((1, 4), "bernoulli", "inverse-keep")
 
 
 @pytest.mark.parametrize("extra, world_size, message", [
+    *[([flag, "0"], 1, f"{flag} must be positive, got 0") for flag in POSITIVE],
+    *[([flag, "-1"], 1, f"{flag} must not be negative") for flag in NOT_NEGATIVE],
+    (["--tensor-model-parallel-size", "0"], 1, "--tensor-model-parallel-size 0 x --pipeline"),
+    (["--pipeline-model-parallel-size", "0"], 1, "--pipeline-model-parallel-size 0"),
     (["--tensor-model-parallel-size", "3"], 3, "--num-attention-heads 4 is not divisible by --tensor-model"),
     (["--pipeline-model-parallel-size", "2"], 3, "world size 3 is not divisible"),
+    (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+    (["--hidden-size", "66"], 1, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
+    (["--max-position-embeddings", "16"], 1, "--max-position-embeddings 16 is shorter than --seq-length 32"),
+    (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be less than --lr-decay-iters 10"),
     (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--raptr-schedule", "2@0,3@20"], 1, "--raptr-schedule"),
     (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "5"], 1, "--raptr-fixed-layers must be distinct"),
     (["--raptr-fixed-layers", "1"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
+    (["--raptr-fixed-layers"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
+    (["--raptr-sampling", "fixed-size"], 1, "--raptr-sampling needs --raptr-schedule"),
+    (["--raptr-scaling", "none"], 1, "--raptr-scaling needs --raptr-schedule"),
+    (["--raptr-verify-sync", "5"], 1, "--raptr-verify-sync needs --raptr-schedule"),
+    (["--raptr-stage-warmup-iters", "5"], 1, "--raptr-stage-warmup-iters needs --raptr-schedule"),
+    (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "1,x"], 1,
+     "--raptr-fixed-layers: expected layer numbers separated by commas or spaces, got '1,x'"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
 ])
@@ -43,3 +82,15 @@ def test_unwritable_outputs_are_refused_before_training(tmp_path, capsys):
         parse_args(BASE + ["--metrics-file", str(blocker / "metrics.jsonl")])
     assert "--metrics-file: cannot create" in capsys.readouterr().err
 
+
+def test_metrics_file_equal_to_tensorboard_dir_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--metrics-file", str(tmp_path), "--tensorboard-dir", str(tmp_path)])
+    assert "--metrics-file and --tensorboard-dir must differ" in capsys.readouterr().err
+
+
+def test_tensorboard_dir_without_tensorboard_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--tensorboard-dir", str(tmp_path / "tb")])
+    assert "--tensorboard-dir needs the tensorboard package" in capsys.readouterr().err

@@ -5,43 +5,53 @@ trains two steps, saves, records its RNG draws and trains three more steps. Then
 each layout, the ranks build the model from another seed, load and train those three
 steps again. Each loss is computed before its step's update: the first resumed loss
 checks the weights, the second the Adam state and the saved learning rate, the third
-the LR schedule (still warming up). The job also checks an interrupted save and the
+the LR schedule (still warming up). The tokenizer is a SentencePiece model of 600
+pieces, which Megatron-LM's padding makes 640 rows under TP=1 and 768 under TP=2: the
+resumed runs keep the checkpoint's 640. The job also checks an interrupted save and the
 load errors; the tests below assert on what it returns.
 
 Megatron-Core is imported inside the ranks only (see test_cpu_compat.py).
 """
+import os
+
 import pytest
 
+from megatron_raptr.training.arguments import parse_args
+from megatron_raptr.training.tokenizer import train_sentencepiece
 from tests.distributed import run_distributed
+from tests.documents import stdlib_documents
 
 ARGV = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
     "--micro-batch-size 1 --global-batch-size 4 --train-iters 8 --lr 1e-3 --lr-warmup-iters 3 "
-    "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 127 "
-    # Pads the 128-token vocabulary to 128 under TP=1 and TP=2 alike, so shapes match.
-    "--make-vocab-size-divisible-by 64"
+    "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type SentencePieceTokenizer"
 ).split()
+SENTENCEPIECE_VOCAB = 600
 OPTIMIZERS = {"adam": [], "distributed-adam": ["--use-distributed-optimizer"]}
 LAYOUTS = {"same": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}  # (TP, PP); DP = 2 / (TP x PP)
 RESUMED_STEPS = 3
 SAVED = dict(iteration=2, consumed_samples=8, raptr_schedule="2@0,4@0.5", seed=1234)
 
 
-def _build(optimizer, tp, pp, seed):
+def _argv(root, *extra):
+    return ARGV + ["--tokenizer-model", os.path.join(root, "spm.model"), *extra]
+
+
+def _build(root, optimizer, tp, pp, seed, load=()):
+    """Built as pretrain() builds it; `load` ("--load", DIR) sizes the vocabulary as that checkpoint's."""
     from megatron.core import parallel_state
 
     from megatron_raptr.training.arguments import parse_args
     from megatron_raptr.training.initialize import initialize_distributed
     from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
-    from tests import tiny_gpt
 
-    argv = ARGV + OPTIMIZERS[optimizer]
+    argv = _argv(root, *OPTIMIZERS[optimizer], *load)
     argv += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     args = parse_args(argv, world_size=2)
     parallel_state.destroy_model_parallel()  # fresh model-parallel groups for this layout
     initialize_distributed(tp, pp, seed)
     config = transformer_config(args)
-    model = build_model(args, config, tiny_gpt.VOCAB)
+    model = build_model(args, config)
     return (model, *build_optimizer(args, config, model), config)
 
 
@@ -106,7 +116,6 @@ def _load_error(load_dir, run):
 
 def _broken_dirs(root):
     """--load directories that hold no loadable checkpoint, by what is wrong."""
-    import os
     import shutil
 
     from megatron_raptr.training.checkpointing import TRACKER
@@ -123,15 +132,14 @@ def _broken_dirs(root):
 
 
 def _checkpoint_job(root):
-    import os
-
     import torch.distributed as dist
+    from megatron.core.utils import unwrap_model
 
     from megatron_raptr.training import checkpointing
 
     result = {"reference": {}, "resumed": {}}
     for optimizer in OPTIMIZERS:
-        run = _build(optimizer, 1, 1, seed=1234)
+        run = _build(root, optimizer, 1, 1, seed=1234)
         _train(run, 2)
         checkpointing.save_checkpoint(os.path.join(root, optimizer), 2, *run[:3], SAVED)
         rng = _rng_draws()
@@ -143,15 +151,20 @@ def _checkpoint_job(root):
 
     for optimizer in OPTIMIZERS:
         for layout, (tp, pp) in LAYOUTS.items():
-            run = _build(optimizer, tp, pp, seed=99)
-            state = checkpointing.load_checkpoint(os.path.join(root, optimizer), *run[:3])
+            load_dir = os.path.join(root, optimizer)
+            run = _build(root, optimizer, tp, pp, seed=99, load=("--load", load_dir))
+            state = checkpointing.load_checkpoint(load_dir, *run[:3])
             rng = _rng_draws()
             losses = _train(run, RESUMED_STEPS)
-            result["resumed"][optimizer, layout] = dict(state=state, rng=rng, losses=losses)
+            vocab = unwrap_model(run[0])[0].vocab_size
+            result["resumed"][optimizer, layout] = dict(state=state, rng=rng, losses=losses, vocab=vocab)
 
-    # None of these loads gets as far as a collective. `run` has the distributed optimizer.
+    # None of these loads gets as far as a collective. `run` has the distributed optimizer
+    # and Megatron-LM's padding for TP=2, not the checkpoint's.
+    run = _build(root, "distributed-adam", 2, 1, seed=99)
     result["missing"] = checkpointing.load_checkpoint(os.path.join(root, "none"), *run[:3])
-    result["errors"] = {"optimizer": _load_error(os.path.join(root, "adam"), run)}
+    result["errors"] = {"optimizer": _load_error(os.path.join(root, "adam"), run),
+                        "vocabulary": _load_error(os.path.join(root, "distributed-adam"), run)}
     if dist.get_rank() == 0:
         result["broken"] = _broken_dirs(root)
         result["errors"].update({name: _load_error(path, run) for name, path in result["broken"].items()})
@@ -159,8 +172,15 @@ def _checkpoint_job(root):
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    return run_distributed(_checkpoint_job, 2, str(tmp_path_factory.mktemp("checkpoints")))
+def root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("checkpoints"))
+    train_sentencepiece(stdlib_documents(), os.path.join(root, "spm"), SENTENCEPIECE_VOCAB)
+    return root
+
+
+@pytest.fixture(scope="module")
+def job(root):
+    return run_distributed(_checkpoint_job, 2, root)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -169,6 +189,7 @@ def test_resumed_training_matches_uninterrupted_run(job, optimizer, layout):
     last = job[-1]  # the last pipeline stage has the losses under every layout
     resumed = last["resumed"][optimizer, layout]
     assert resumed["state"] == SAVED
+    assert resumed["vocab"] == 640  # the checkpoint's padding; Megatron-LM's under TP=2 is 768
     assert resumed["losses"] == pytest.approx(last["reference"][optimizer]["losses"], rel=1e-5, abs=0)
 
 
@@ -198,3 +219,26 @@ def test_load_errors_name_the_flag_and_the_problem(job):
     assert "iter_0000002" in errors["unfinished"] and "not a completed save" in errors["unfinished"]
     for name, path in broken.items():
         assert errors[name].startswith(f"--load {path}:")
+    assert "padded to 640 rows, this model has 768" in errors["vocabulary"]
+
+
+@pytest.mark.parametrize("extra, world_size, message", [
+    # A TP size that does not divide the checkpoint's 640 rows (5 x 128).
+    (["--tensor-model-parallel-size", "3", "--num-attention-heads", "6", "--hidden-size", "96"], 3,
+     "padded to 640 rows, which --tensor-model-parallel-size 3 cannot split evenly"),
+    (["--tokenizer-type", "NullTokenizer", "--vocab-size", "700"], 1, "640 rows, fewer than the tokenizer's 701 ids"),
+], ids=["tp-does-not-divide", "larger-tokenizer"])
+def test_vocabulary_the_checkpoint_cannot_load_into_is_refused_before_training(job, root, extra, world_size,
+                                                                               message, capsys):
+    load = os.path.join(root, "adam")
+    with pytest.raises(SystemExit):
+        parse_args(_argv(root, "--load", load, *extra), world_size=world_size)
+    error = capsys.readouterr().err
+    assert f"--load {load}: " in error and message in error
+
+
+def test_broken_load_directory_is_refused_before_training(job, root, capsys):
+    for path in job[0]["broken"].values():
+        with pytest.raises(SystemExit):
+            parse_args(_argv(root, "--load", path))
+        assert f"--load {path}: " in capsys.readouterr().err

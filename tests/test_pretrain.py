@@ -1,14 +1,18 @@
 """End-to-end runs of pretrain_raptr's loop on 1-2 CPU processes (gloo)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from megatron_raptr.training.initialize import free_port, megatron_fallbacks
 from tests.distributed import run_distributed
 
 MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
          "--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 2 "
-         "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 500 "
+         "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 512 "
          "--log-interval 4 --eval-interval 4 --eval-iters 1 --seed 11").split()
 RAPTR = ["--raptr-schedule", "2@0,3@0.5", "--raptr-sampling", "fixed-size"]
 
@@ -133,3 +137,16 @@ def test_pipeline_balanced_paths_load_every_pipeline_stage_equally(tmp_path):
     for record in train:
         first = sum(layer <= 3 for layer in record["active_layers"])
         assert abs(first - (record["path_length"] - first)) <= 1, record["active_layers"]
+
+
+def test_command_line_names_megatron_fallbacks_once(tmp_path):
+    """Without TE/Apex, Megatron-Core warns from several modules in each process; the trainer says it in one line."""
+    script = Path(__file__).resolve().parents[1] / "pretrain_raptr.py"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(free_port())]
+    result = subprocess.run([*launch, str(script), *MODEL, "--train-iters", "3"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "not installed" not in output.replace("Transformer Engine/Apex not installed; Megatron-Core uses", "")
+    assert output.count("Megatron-Core uses: ") == (1 if megatron_fallbacks() else 0)

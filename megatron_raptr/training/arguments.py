@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
 from megatron_raptr.training import data
+from megatron_raptr.training.model import padded_vocab_size
 
 
 def _add_model_args(parser):
@@ -80,15 +81,31 @@ def _add_raptr_args(parser):
     group.add_argument("--raptr-schedule", default=None,
                        help="comma-separated LENGTH@START stages; START an iteration or a fraction of "
                             "--train-iters, e.g. 6@0,8@0.25,10@0.5,12@0.75. Without it: full-model baseline")
-    group.add_argument("--raptr-fixed-layers", type=int, nargs="*", default=None,
-                       help="1-based layers always on the path (default: first and last)")
-    group.add_argument("--raptr-sampling", choices=SAMPLING_MODES, default="bernoulli")
-    group.add_argument("--raptr-scaling", choices=SCALING_RULES, default="inverse-keep",
-                       help="multiplier of a kept layer's residual update during training")
+    group.add_argument("--raptr-fixed-layers", nargs="*", default=None, action=_LayerNumbers,
+                       help="1-based layers always on the path, separated by commas or spaces "
+                            "(default: first and last; no numbers: none)")
+    # Defaults None so that giving them without --raptr-schedule is detected; the schedule fills them.
+    group.add_argument("--raptr-sampling", choices=SAMPLING_MODES, default=None,
+                       help=f"default: {RaptrSchedule.sampling}")
+    group.add_argument("--raptr-scaling", choices=SCALING_RULES, default=None,
+                       help=f"multiplier of a kept layer's residual update during training "
+                            f"(default: {RaptrSchedule.scaling})")
     group.add_argument("--raptr-verify-sync", type=int, default=0, metavar="N",
                        help="every N iterations check that all ranks train the same path (0: never)")
     group.add_argument("--raptr-stage-warmup-iters", type=int, default=0,
                        help="re-warm the learning rate linearly over this many iterations at each stage boundary")
+
+
+class _LayerNumbers(argparse.Action):
+    """Layer numbers as '1,8' (like --raptr-schedule) or '1 8'."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            numbers = [int(part) for value in values for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentError(
+                self, f"expected layer numbers separated by commas or spaces, got {' '.join(values)!r}") from None
+        setattr(namespace, self.dest, numbers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +125,8 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
     args = parser.parse_args(argv)
     try:
         validate_args(args, world_size)
-        data.validate_data_args(args)
-    except ValueError as error:
+        args.padded_vocab_size = padded_vocab_size(data.validate_data_args(args), args)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: checkpointing's --load errors
         parser.error(str(error))
     return args
 
@@ -125,8 +142,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.world_size = world_size
     args.data_parallel_size = world_size // model_parallel
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                 "train_iters", "log_interval", "eval_interval"):
-        if getattr(args, flag) < 1:
+                 "train_iters", "log_interval", "eval_interval", "make_vocab_size_divisible_by",
+                 "ffn_hidden_size", "max_position_embeddings", "global_batch_size", "lr_decay_iters",
+                 "save_interval", "exit_interval"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: not given, defaulted below
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.hidden_size % args.num_attention_heads:
         raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
@@ -155,9 +174,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // micro_batches_per_step
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
-    for flag in ("save_interval", "exit_interval"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be less than --lr-decay-iters "
+                         f"{args.lr_decay_iters} (default: --train-iters)")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
@@ -190,12 +209,12 @@ def _check_writable(flag: str, directory: Optional[str]) -> None:
 
 def build_schedule(args: argparse.Namespace) -> RaptrSchedule:
     """The run's schedule; without --raptr-schedule the full model at every step (the baseline)."""
-    if args.raptr_schedule is None:
-        for flag in ("raptr_fixed_layers", "raptr_stage_warmup_iters"):
-            if getattr(args, flag):
-                raise ValueError(f"--{flag.replace('_', '-')} needs --raptr-schedule")
+    options = {name: getattr(args, f"raptr_{name}") for name in ("fixed_layers", "sampling", "scaling")
+               if getattr(args, f"raptr_{name}") is not None}
+    if args.raptr_schedule is None:  # the RaPTr flags would have nothing to act on
+        given = [f"raptr_{name}" for name in options]
+        given += [flag for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters") if getattr(args, flag)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --raptr-schedule")
         return RaptrSchedule.full_model(args.num_layers)
-    return RaptrSchedule.parse(
-        args.raptr_schedule, args.num_layers, args.train_iters,
-        fixed_layers=args.raptr_fixed_layers, sampling=args.raptr_sampling, scaling=args.raptr_scaling,
-    )
+    return RaptrSchedule.parse(args.raptr_schedule, args.num_layers, args.train_iters, **options)

@@ -7,7 +7,8 @@ A --save directory holds one checkpoint directory per saved iteration and a trac
 
 The tracker is written only after every rank has finished its part, so an interrupted
 save leaves the previous checkpoint as the latest one. Model and optimizer states are
-ShardedTensors in model space, so a checkpoint loads under any TP/PP/DP layout. RNG
+ShardedTensors in model space, so a checkpoint loads under any TP/PP/DP layout, into a
+model built with the checkpoint's padded vocabulary size (saved_padded_vocab_size). RNG
 states belong to one (PP rank, TP rank) and are restored only under the saved layout.
 """
 import os
@@ -61,6 +62,7 @@ def save_checkpoint(
     sharded = _sharded_state_dict(model, optimizer, with_rng=True, is_loading=False)
     sharded.update(
         layout=_layout(),
+        padded_vocab_size=_padded_vocab_size(model),
         distributed_optimizer=optimizer.config.use_distributed_optimizer,
         opt_param_scheduler=opt_param_scheduler.state_dict(),
         state=state,
@@ -100,6 +102,15 @@ def load_checkpoint(
             f"--load {load_dir}: {path} was saved {'with' if not distributed else 'without'} "
             "--use-distributed-optimizer; resume with the same setting"
         )
+    saved_vocab = common.get("padded_vocab_size")
+    if saved_vocab is not None and saved_vocab != _padded_vocab_size(model):
+        # Megatron loads embedding and output rows across a size change without a word
+        # (allow_shape_mismatch), and every extra row takes probability mass.
+        raise RuntimeError(
+            f"--load {load_dir}: {path} was trained with a vocabulary padded to {saved_vocab} rows, "
+            f"this model has {_padded_vocab_size(model)}: build it with the checkpoint's size "
+            "(saved_padded_vocab_size)"
+        )
     saved_layout = common["layout"]
     # Another layout has other RNG shards (and their streams would not line up with
     # the new ranks anyway); they only drive dropout, so fresh seeds are harmless.
@@ -122,6 +133,13 @@ def load_checkpoint(
     if with_rng:
         _set_rng_state(loaded["rng_state"])
     return loaded["state"]
+
+
+def saved_padded_vocab_size(load_dir: str) -> Optional[int]:
+    """The padded vocabulary size (rows of the embedding and output layer) of the latest
+    checkpoint under `load_dir`; None when there is none, or it predates this record."""
+    path = latest_checkpoint(load_dir)
+    return None if path is None else dist_checkpointing.load_common_state_dict(path).get("padded_vocab_size")
 
 
 def latest_checkpoint(load_dir: str) -> Optional[str]:
@@ -193,6 +211,10 @@ def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
     for sub_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(sub_optimizer, DistributedOptimizer) and not sub_optimizer.optimizer.state:
             sub_optimizer._init_optimizer_states_with_dummy_values()
+
+
+def _padded_vocab_size(model: List[torch.nn.Module]) -> int:
+    return unwrap_model(model)[0].vocab_size
 
 
 def _layout() -> dict:

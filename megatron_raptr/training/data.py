@@ -235,11 +235,11 @@ def check_indexed_dataset(
     return lengths
 
 
-def validate_data_args(args) -> None:
+def validate_data_args(args) -> int:
     """Raise ValueError, naming the flag and the file, for data flags that cannot work.
 
-    Loads the tokenizer once (for its vocabulary size) and reads every dataset's .idx and .bin
-    (memory-mapped; the token-id scan reads the whole .bin once).
+    Loads the tokenizer once and returns its vocabulary size; reads every dataset's .idx and
+    .bin (memory-mapped; the token-id scan reads the whole .bin once).
     """
     vocab_size = build_tokenizer(args).vocab_size  # also checks the tokenizer flags and file
     flags = {
@@ -251,7 +251,7 @@ def validate_data_args(args) -> None:
     if args.mock_data:
         if given:
             raise ValueError(f"--mock-data cannot be combined with {given[0][0]}")
-        return
+        return vocab_size
     if not given:
         raise ValueError(
             "no training data: give --data-path PREFIX [...], or --train-data-path with "
@@ -274,6 +274,7 @@ def validate_data_args(args) -> None:
             lengths = check_indexed_dataset(prefix, flag, vocab_size, tokenizer_flag)
             if flag == "--data-path":
                 _check_split_parts(args.split, prefix, lengths)
+    return vocab_size
 
 
 def dataset_sizes(args) -> List[int]:

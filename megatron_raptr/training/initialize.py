@@ -7,11 +7,19 @@ import os
 import random
 import socket
 from datetime import timedelta
+from typing import List
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.optimizer import optimizer as megatron_optimizer
+from megatron.core.utils import local_multi_tensor_applier
+
+from megatron_raptr.compat import torch_adam
+from megatron_raptr.compat.torch_norm import SequenceParallelTorchNorm
+from megatron_raptr.layer import get_gpt_raptr_layer_spec
 
 
 def current_device() -> torch.device:
@@ -100,6 +108,19 @@ def initialize_distributed(
     np.random.seed(stage_seed)
     torch.manual_seed(stage_seed)
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def megatron_fallbacks() -> List[str]:
+    """What Megatron-Core runs in place of Transformer Engine and Apex, where they are not installed."""
+    fallbacks = []
+    if not gpt_layer_specs.HAVE_TE:
+        torch_norms = get_gpt_raptr_layer_spec().submodules.input_layernorm is SequenceParallelTorchNorm
+        fallbacks.append("local layer spec" + (" with torch norms" if torch_norms else ""))
+    if torch_adam.needed():
+        fallbacks.append("torch AdamW")
+    if megatron_optimizer.multi_tensor_applier is local_multi_tensor_applier:
+        fallbacks.append("local multi-tensor kernels")
+    return fallbacks
 
 
 def destroy_distributed() -> None:

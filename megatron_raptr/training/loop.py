@@ -19,9 +19,9 @@ from megatron_raptr.sampler import Path, PathSampler
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
-from megatron_raptr.training.initialize import current_device, initialize_distributed
+from megatron_raptr.training.initialize import current_device, initialize_distributed, megatron_fallbacks
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
-from megatron_raptr.training.model import build_model, build_optimizer, padded_vocab_size, transformer_config
+from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
 from megatron_raptr.training.tokenizer import build_tokenizer
 
 
@@ -64,7 +64,7 @@ def _mean_loss(losses: Sequence[dict]) -> Optional[float]:
 
 
 class Trainer:
-    def __init__(self, args, config, model, optimizer, scheduler, vocab_size: int, hooks: List[StageHook]):
+    def __init__(self, args, config, model, optimizer, scheduler, hooks: List[StageHook]):
         self.args, self.config, self.model = args, config, model
         self.optimizer, self.scheduler, self.hooks = optimizer, scheduler, hooks
         self.schedule = args.raptr
@@ -72,8 +72,7 @@ class Trainer:
         self.set_path = PathSetter(model)
         self.forward_backward = get_forward_backward_func()
         self.tokens_per_step = args.global_batch_size * args.seq_length
-        self.flops = partial(step_flops, config, padded_vocab_size(vocab_size, args), args.seq_length,
-                             self.tokens_per_step)
+        self.flops = partial(step_flops, config, args.padded_vocab_size, args.seq_length, self.tokens_per_step)
         self.metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir,
                                      enabled=dist.get_rank() == dist.get_world_size() - 1)
 
@@ -232,9 +231,12 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            args.distributed_timeout_minutes)
+    fallbacks = megatron_fallbacks()
+    if fallbacks:
+        log(f"Transformer Engine/Apex not installed; Megatron-Core uses: {', '.join(fallbacks)}")
     tokenizer = build_tokenizer(args)
     config = transformer_config(args)
-    model = build_model(args, config, tokenizer.vocab_size)
+    model = build_model(args, config)
     optimizer, scheduler = build_optimizer(args, config, model)
     state = TrainState()
     if args.load:
@@ -245,12 +247,10 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
             if saved.get("raptr_schedule") != args.raptr_schedule:
                 log(f" warning: the checkpoint was trained with --raptr-schedule {saved.get('raptr_schedule')}")
     train_dataset, valid_dataset = data.build_datasets(args, tokenizer)
-    trainer = Trainer(args, config, model, optimizer, scheduler, tokenizer.vocab_size,
-                      (hooks or []) + default_hooks(args))
-    vocab = padded_vocab_size(tokenizer.vocab_size, args)
+    trainer = Trainer(args, config, model, optimizer, scheduler, (hooks or []) + default_hooks(args))
     log(args.raptr.describe(args.train_iters))
-    log(f"  expected model FLOPs vs full training (output layer included): "
-        f"{schedule_flops_fraction(args.raptr, args.train_iters, config, vocab, args.seq_length):.3f}")
+    fraction = schedule_flops_fraction(args.raptr, args.train_iters, config, args.padded_vocab_size, args.seq_length)
+    log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
     val_loss = trainer.train(state, train_dataset, valid_dataset)
     full = args.train_iters * trainer.flops(args.num_layers)
     log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "

@@ -14,13 +14,32 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.layer import get_gpt_raptr_block_spec
+from megatron_raptr.training import checkpointing
 from megatron_raptr.training.initialize import current_device
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron-LM pads the vocabulary so every tensor-parallel shard is equally sized."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
+    """Rows of the embedding and output layer for a tokenizer of `vocab_size` ids.
+
+    Megatron-LM pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP,
+    so that tensor-parallel shards are equal; the padding thus changes with TP. Padding rows
+    take probability mass too, so a run that loads a checkpoint keeps the checkpoint's
+    padded size: resharding must not change the model. Raises ValueError naming the flag
+    when this layout cannot hold it.
+    """
+    saved = checkpointing.saved_padded_vocab_size(args.load) if args.load else None
+    tp = args.tensor_model_parallel_size
+    if saved is None:
+        multiple = args.make_vocab_size_divisible_by * tp
+        return -(-vocab_size // multiple) * multiple
+    if saved < vocab_size:
+        raise ValueError(f"--load {args.load}: the checkpoint's vocabulary has {saved} rows, fewer than the "
+                         f"tokenizer's {vocab_size} ids: resume with the tokenizer it was trained with")
+    if saved % tp:
+        raise ValueError(f"--load {args.load}: the checkpoint's vocabulary is padded to {saved} rows, which "
+                         f"--tensor-model-parallel-size {tp} cannot split evenly: use a size that divides {saved} "
+                         "(train with a larger --make-vocab-size-divisible-by to reshard to more ranks later)")
+    return saved
 
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -53,7 +72,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
-def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size: int) -> List[GPTModel]:
+def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[GPTModel]:
     """This rank's GPT model chunk with RaPTr-gated layers, wrapped in Megatron DDP.
 
     The baseline uses the same model: its path is simply every layer at every step.
@@ -61,7 +80,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig, vocab_size:
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_raptr_block_spec(config),
-        vocab_size=padded_vocab_size(vocab_size, args),
+        vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
