@@ -16,7 +16,6 @@ from megatron_raptr.training import data
 from megatron_raptr.training.arguments import parse_args
 from megatron_raptr.training.initialize import destroy_distributed, initialize_distributed
 from megatron_raptr.training.loop import TrainState, build_trainer
-from megatron_raptr.training.model import padded_vocab_size
 from tests.dense_reference import active_layers_state_dict
 
 MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
@@ -46,7 +45,7 @@ def microbatches(args, dataset, count):
 
 def plain_gpt(trainer, args, num_layers, spec=None):
     config = dataclasses.replace(trainer.config, num_layers=num_layers)
-    return GPTModel(config, spec or get_gpt_layer_local_spec(), vocab_size=padded_vocab_size(500, args),
+    return GPTModel(config, spec or get_gpt_layer_local_spec(), vocab_size=args.padded_vocab_size,
                     max_sequence_length=args.seq_length, share_embeddings_and_output_weights=True)
 
 

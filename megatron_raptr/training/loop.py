@@ -219,11 +219,9 @@ def build_trainer(args, hooks: Sequence[StageHook] = ()) -> Tuple[Trainer, objec
     """
     tokenizer = build_tokenizer(args)
     config = transformer_config(args)
-    model = build_model(args, config, tokenizer.vocab_size)
+    model = build_model(args, config)
     optimizer, scheduler = build_optimizer(args, config, model)
-    trainer = Trainer(args, config, model, optimizer, scheduler, tokenizer.vocab_size,
-                      list(hooks) + default_hooks(args))
-    return trainer, tokenizer
+    return Trainer(args, config, model, optimizer, scheduler, list(hooks) + default_hooks(args)), tokenizer
 
 
 def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] = None) -> Optional[float]:
@@ -234,22 +232,20 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
     fallbacks = megatron_fallbacks()
     if fallbacks:
         log(f"Transformer Engine/Apex not installed; Megatron-Core uses: {', '.join(fallbacks)}")
-    tokenizer = build_tokenizer(args)
-    config = transformer_config(args)
-    model = build_model(args, config)
-    optimizer, scheduler = build_optimizer(args, config, model)
+    trainer, tokenizer = build_trainer(args, hooks or [])
     state = TrainState()
     if args.load:
-        saved = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, load_rng=not args.no_load_rng)
+        saved = checkpointing.load_checkpoint(args.load, trainer.model, trainer.optimizer, trainer.scheduler,
+                                              load_rng=not args.no_load_rng)
         if saved is not None:
             state = TrainState(**{key: saved[key] for key in asdict(state)})
             log(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
             if saved.get("raptr_schedule") != args.raptr_schedule:
                 log(f" warning: the checkpoint was trained with --raptr-schedule {saved.get('raptr_schedule')}")
     train_dataset, valid_dataset = data.build_datasets(args, tokenizer)
-    trainer = Trainer(args, config, model, optimizer, scheduler, (hooks or []) + default_hooks(args))
     log(args.raptr.describe(args.train_iters))
-    fraction = schedule_flops_fraction(args.raptr, args.train_iters, config, args.padded_vocab_size, args.seq_length)
+    fraction = schedule_flops_fraction(args.raptr, args.train_iters, trainer.config, args.padded_vocab_size,
+                                       args.seq_length)
     log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
     val_loss = trainer.train(state, train_dataset, valid_dataset)
     full = args.train_iters * trainer.flops(args.num_layers)
