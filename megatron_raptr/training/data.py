@@ -303,6 +303,29 @@ def build_datasets(args, tokenizer):
         ]
     else:  # --mock-data: megatron-core switches to mock data when no blend is given
         blend, blend_per_split, split = None, None, None
+    config = _dataset_config(args, tokenizer, blend, blend_per_split, split)
+    dataset_cls = MockGPTDataset if config.mock else GPTDataset
+    with _process_group():
+        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+            dataset_cls, dataset_sizes(args), lambda: True, config
+        ).build()
+    return train_ds, valid_ds
+
+
+def build_validation_sets(args, tokenizer) -> Dict[str, object]:
+    """--multiple-validation-sets: each --valid-data-path prefix as a validation set of its own,
+    named by its file name (e.g. valid_wiki_text_document)."""
+    sets = {}
+    for prefix in args.valid_data_path:
+        config = _dataset_config(args, tokenizer, None, [None, ([prefix], None), None], None)
+        with _process_group():
+            _, sets[os.path.basename(prefix)], _ = BlendedMegatronDatasetBuilder(
+                GPTDataset, dataset_sizes(args), lambda: True, config
+            ).build()
+    return sets
+
+
+def _dataset_config(args, tokenizer, blend, blend_per_split, split) -> GPTDatasetConfig:
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -320,12 +343,7 @@ def build_datasets(args, tokenizer):
     # on an empty one).
     if config.split_matrix is not None:
         config.split_matrix[2] = None
-    dataset_cls = MockGPTDataset if config.mock else GPTDataset
-    with _process_group():
-        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-            dataset_cls, dataset_sizes(args), lambda: True, config
-        ).build()
-    return train_ds, valid_ds
+    return config
 
 
 @contextlib.contextmanager

@@ -133,7 +133,12 @@ class Trainer:
             chunk.train()
         return _mean_loss(losses)
 
-    def train(self, state: TrainState, train_dataset, valid_dataset) -> Optional[float]:
+    def train(self, state: TrainState, train_dataset, valid_sets: dict) -> Optional[float]:
+        """Trains to --train-iters; returns the last validation loss of the first validation set.
+
+        valid_sets: name -> dataset; the name is None for the one set of a run without
+        --multiple-validation-sets (eval records then carry no valid_set field).
+        """
         args = self.args
         data_iterator = data.build_data_iterator(
             train_dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
@@ -161,7 +166,7 @@ class Trainer:
                 self._log_progress(record, (time.perf_counter() - interval_start) / interval_steps)
                 interval_start, interval_steps = time.perf_counter(), 0
             if state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters:
-                val_loss = self._evaluate_and_report(state, valid_dataset)
+                val_loss = self.evaluate_and_report(state, valid_sets)
             exiting = bool(args.exit_interval) and state.iteration % args.exit_interval == 0
             if args.save and (state.iteration == args.train_iters or exiting or
                               (args.save_interval and state.iteration % args.save_interval == 0)):
@@ -172,15 +177,20 @@ class Trainer:
         self.metrics.close()
         return val_loss
 
-    def _evaluate_and_report(self, state: TrainState, valid_dataset) -> Optional[float]:
-        if valid_dataset is None or self.args.eval_iters == 0:
-            return None
-        loss = self.evaluate(valid_dataset)
-        if loss is not None:
-            self.metrics.eval(dict(iteration=state.iteration, val_loss=loss, val_ppl=perplexity(loss)))
-            log(f" validation (full model) at iteration {state.iteration} | lm loss: {loss:.6E} | "
-                f"lm loss PPL: {perplexity(loss):.6E}")
-        return loss
+    def evaluate_and_report(self, state: TrainState, valid_sets: dict) -> Optional[float]:
+        """Evaluates every validation set, records and prints each; returns the first one's loss."""
+        losses = []
+        for name, dataset in valid_sets.items():
+            if dataset is None or self.args.eval_iters == 0:
+                continue
+            loss = self.evaluate(dataset)
+            losses.append(loss)
+            if loss is not None:
+                record = dict(iteration=state.iteration, val_loss=loss, val_ppl=perplexity(loss))
+                self.metrics.eval(record if name is None else dict(record, valid_set=name))
+                log(f" validation (full model){'' if name is None else ' on ' + name} at iteration "
+                    f"{state.iteration} | lm loss: {loss:.6E} | lm loss PPL: {perplexity(loss):.6E}")
+        return losses[0] if losses else None
 
     def save(self, state: TrainState) -> None:
         checkpointing.save_checkpoint(
@@ -243,11 +253,16 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
             if saved.get("raptr_schedule") != args.raptr_schedule:
                 log(f" warning: the checkpoint was trained with --raptr-schedule {saved.get('raptr_schedule')}")
     train_dataset, valid_dataset = data.build_datasets(args, tokenizer)
+    valid_sets = data.build_validation_sets(args, tokenizer) if args.multiple_validation_sets else {None: valid_dataset}
+    if args.skip_train:
+        val_loss = trainer.evaluate_and_report(state, valid_sets)
+        trainer.metrics.close()
+        return val_loss
     log(args.raptr.describe(args.train_iters))
     fraction = schedule_flops_fraction(args.raptr, args.train_iters, trainer.config, args.padded_vocab_size,
                                        args.seq_length)
     log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
-    val_loss = trainer.train(state, train_dataset, valid_dataset)
+    val_loss = trainer.train(state, train_dataset, valid_sets)
     full = args.train_iters * trainer.flops(args.num_layers)
     log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
         f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
