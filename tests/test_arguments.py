@@ -53,6 +53,8 @@ def test_schedule_defaults():
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--raptr-schedule", "2@0,3@20"], 1, "--raptr-schedule"),
     (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "5"], 1, "--raptr-fixed-layers must be distinct"),
+    (["--skip-train"], 1, "--skip-train evaluates a checkpoint: it needs --load"),
+    (["--multiple-validation-sets"], 1, "--multiple-validation-sets needs --valid-data-path"),
     (["--raptr-fixed-layers", "1"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
     (["--raptr-fixed-layers"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
     (["--raptr-sampling", "fixed-size"], 1, "--raptr-sampling needs --raptr-schedule"),
