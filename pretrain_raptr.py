@@ -5,7 +5,7 @@
 Without --raptr-schedule it trains the full model at every step: the baseline.
 """
 
-from megatron_raptr.training.loop import pretrain
+from megatron_raptr.training.loop import main
 
 if __name__ == "__main__":
-    pretrain()
+    main()

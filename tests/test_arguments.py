@@ -12,6 +12,8 @@ def test_derived_defaults():
     args = parse_args(BASE + ["--global-batch-size", "16"], world_size=4)
     assert (args.data_parallel_size, args.num_microbatches, args.ffn_hidden_size) == (4, 2, 256)
     assert args.raptr.num_layers == 4 and args.raptr.stages[0].length == 4  # baseline: full model
+    assert args.check_for_nan_in_loss_and_grad  # Megatron-LM's default
+    assert not parse_args(BASE + ["--no-check-for-nan-in-loss-and-grad"]).check_for_nan_in_loss_and_grad
 
 
 @pytest.mark.parametrize("extra, world_size, message", [

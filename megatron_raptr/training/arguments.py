@@ -58,6 +58,8 @@ def _add_training_args(parser):
     group.add_argument("--adam-beta1", type=float, default=0.9)
     group.add_argument("--adam-beta2", type=float, default=0.999)
     group.add_argument("--adam-eps", type=float, default=1e-8)
+    group.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                       help="stop every rank before the optimizer step when the loss or a gradient is NaN or Inf")
 
 
 def _add_logging_args(parser):

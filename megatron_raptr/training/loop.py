@@ -1,6 +1,7 @@
 """The pretraining loop: Megatron-Core's schedules, one RaPTr path per global step."""
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -33,6 +34,10 @@ class TrainState:
     consumed_samples: int = 0
     cumulative_flops: float = 0.0
     elapsed_s: float = 0.0  # training time, carried across restarts
+
+
+class TrainingStopped(RuntimeError):
+    """Raised on every rank together, with the same message: the run cannot go on."""
 
 
 def log(message: str) -> None:
@@ -99,6 +104,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.forward_backward(**self.schedule_kwargs(data_iterator, forward_only=False))
+        if self.args.check_for_nan_in_loss_and_grad:
+            self._check_finite(losses, path)
         lr_scale = 1.0
         for hook in self.hooks:
             lr_scale *= hook.lr_scale(self.schedule, t)
@@ -117,6 +124,31 @@ class Trainer:
             grad_norm=None if grad_norm is None else float(grad_norm), tokens=self.tokens_per_step,
             step_flops=flops, cumulative_flops=state.cumulative_flops,
         )
+
+    def _check_finite(self, losses: Sequence[dict], path: Path) -> None:
+        """Stops every rank, before the optimizer step, when any rank's loss or gradient is NaN or Inf.
+
+        The loss exists on the last pipeline stage only, and with the distributed optimizer each
+        rank holds its own shard of reduced gradients: every rank checks what it has, and one
+        all-reduce over the world gives all of them the verdict, so all stop together.
+        """
+        bad = torch.zeros(2, device=current_device())
+        if losses:
+            bad[0] = ~torch.stack([item["lm loss"] for item in losses]).isfinite().all()
+        # Under fp16, overflowing gradients are the loss scaler's business: the optimizer skips the step.
+        if not self.args.fp16:
+            # A sum is NaN or Inf if any element is, without a bool copy of the buffer.
+            sums = [buffer.grad_data.sum() for chunk in self.model
+                    for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+            bad[1] = ~torch.stack(sums).isfinite().all()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        found = [what for what, flag in zip(("loss", "gradients"), bad.tolist()) if flag]
+        if found:
+            raise TrainingStopped(
+                f"NaN or Inf in the {' and '.join(found)} at iteration {path.iteration + 1} "
+                f"(stage {path.stage}, path layers {list(path.active)}): stopped before the optimizer step, "
+                "so no checkpoint holds this state. --no-check-for-nan-in-loss-and-grad trains on regardless."
+            )
 
     @torch.no_grad()
     def evaluate(self, valid_dataset) -> Optional[float]:
@@ -242,3 +274,13 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
     log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
         f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
     return val_loss
+
+
+def main() -> None:
+    """pretrain_raptr.py: a TrainingStopped error is one line on stderr and exit status 1, no traceback."""
+    try:
+        pretrain()
+    except TrainingStopped as error:
+        if dist.get_rank() == dist.get_world_size() - 1:  # every rank has the same message
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)

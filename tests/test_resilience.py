@@ -1,0 +1,122 @@
+"""A diverged run, SIGTERM and a dead rank, on real 2-process launches of pretrain_raptr.py."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+
+from megatron_raptr.sampler import Path as RaptrPath
+from tests.distributed import run_distributed
+from tests.test_pretrain import MODEL, RAPTR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*argv):
+    """pretrain_raptr.py on 2 processes under torchrun; stdout and stderr together."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "pretrain_raptr.py"), *map(str, argv)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def finish(job, timeout_s: float) -> str:
+    """The job's output once it ends; a job still running after `timeout_s` is killed and fails the test."""
+    try:
+        return job.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        for process in [*psutil.Process(job.pid).children(recursive=True), job]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        raise AssertionError(f"still running after {timeout_s} s:\n{job.communicate()[0]}") from None
+
+
+def train_iterations(metrics: Path):
+    if not metrics.exists():
+        return []
+    return [record["iteration"] for record in map(json.loads, metrics.read_text().splitlines())
+            if "lm_loss" in record]  # fmt: skip
+
+
+def wait_for_iterations(job, metrics: Path, count: int, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while len(train_iterations(metrics)) < count:
+        assert job.poll() is None, finish(job, 0)
+        assert time.monotonic() < deadline, f"no {count} iterations in {timeout_s} s"
+        time.sleep(0.05)
+
+
+def worker(job, rank: int) -> psutil.Process:
+    """The training process of `rank` under the torchrun `job`."""
+    for child in psutil.Process(job.pid).children(recursive=True):
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no rank {rank} under torchrun")
+
+
+def tracker(save: Path) -> int:
+    return int((save / "latest_checkpointed_iteration.txt").read_text())
+
+
+def _check_each(cases):
+    """For each case ((loss, gradient) of rank 0, of rank 1): the error on this rank, or None.
+    A loss of None: a rank off the last pipeline stage, which has no loss."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_raptr.training.initialize import initialize_distributed
+    from megatron_raptr.training.loop import Trainer, TrainingStopped
+
+    initialize_distributed(1, 1)
+    messages = []
+    for values_by_rank in cases:
+        loss, grad = values_by_rank[dist.get_rank()]
+        trainer = SimpleNamespace(
+            args=SimpleNamespace(fp16=False),
+            model=[SimpleNamespace(buffers=[SimpleNamespace(grad_data=torch.tensor([1.0, grad]))],
+                                   expert_parallel_buffers=[])],
+        )  # fmt: skip
+        losses = [] if loss is None else [{"lm loss": torch.tensor(loss)}]
+        try:
+            Trainer._check_finite(trainer, losses, RaptrPath(6, 1, (1, 3), {}))
+            messages.append(None)
+        except TrainingStopped as error:
+            messages.append(str(error))
+    return messages
+
+
+def test_nan_or_inf_on_one_rank_stops_every_rank_with_one_message():
+    nan, inf = float("nan"), float("inf")
+    fine, loss, grad, both = zip(*run_distributed(_check_each, 2, [
+        [(2.0, 1.0), (2.0, 1.0)],
+        [(nan, 1.0), (2.0, 1.0)],
+        [(None, inf), (2.0, 1.0)],
+        [(None, 1.0), (inf, nan)],
+    ]))
+    assert fine == (None, None)
+    for messages, what in ((loss, "loss"), (grad, "gradients"), (both, "loss and gradients")):
+        assert messages[0] == messages[1]
+        assert f"NaN or Inf in the {what} at iteration 7 (stage 1, path layers [1, 3])" in messages[0]
+
+
+def test_diverged_run_exits_nonzero_before_saving_the_broken_state(tmp_path):
+    """--lr 1e6 under PP=2 (the loss lives on the second stage only), saving every iteration."""
+    metrics, save = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
+    job = torchrun(*MODEL, *RAPTR, "--lr", "1e6", "--train-iters", "40", "--pipeline-model-parallel-size", "2",
+                   "--save", save, "--save-interval", "1", "--metrics-file", metrics)
+    output = finish(job, 120)
+    assert job.returncode != 0, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    last_good = train_iterations(metrics)[-1]
+    assert f"NaN or Inf in the loss and gradients at iteration {last_good + 1} (stage " in errors[0]
+    assert "path layers [1, " in errors[0]
+    assert tracker(save) == last_good and not (save / f"iter_{last_good + 1:07d}").exists()
+    assert "megatron_raptr" not in output  # no traceback from the training processes (torchrun prints its own)
