@@ -12,7 +12,7 @@ def test_derived_defaults():
     args = parse_args(BASE + ["--global-batch-size", "16"], world_size=4)
     assert (args.data_parallel_size, args.num_microbatches, args.ffn_hidden_size) == (4, 2, 256)
     assert args.raptr.num_layers == 4 and args.raptr.stages[0].length == 4  # baseline: full model
-    assert args.check_for_nan_in_loss_and_grad  # Megatron-LM's default
+    assert args.check_for_nan_in_loss_and_grad and not args.exit_signal_handler  # Megatron-LM's defaults
     assert not parse_args(BASE + ["--no-check-for-nan-in-loss-and-grad"]).check_for_nan_in_loss_and_grad
 
 
@@ -25,6 +25,7 @@ def test_derived_defaults():
     (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "5"], 1, "--raptr-fixed-layers must be distinct"),
     (["--raptr-fixed-layers", "1"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--exit-signal-handler"], 1, "--exit-signal-handler needs --save"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
 ])
 def test_bad_arguments_name_the_flag(extra, world_size, message, capsys):

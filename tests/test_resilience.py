@@ -120,3 +120,30 @@ def test_diverged_run_exits_nonzero_before_saving_the_broken_state(tmp_path):
     assert "path layers [1, " in errors[0]
     assert tracker(save) == last_good and not (save / f"iter_{last_good + 1:07d}").exists()
     assert "megatron_raptr" not in output  # no traceback from the training processes (torchrun prints its own)
+
+
+def test_sigterm_to_one_rank_saves_on_every_rank_and_resuming_repeats_the_run(tmp_path):
+    """Only rank 0 gets SIGTERM; rank 1 (the last, which writes the metrics) must stop with it."""
+    from tests.test_pretrain import _pretrain_each, losses, train_records
+
+    save = tmp_path / "ckpt"
+    common = [*MODEL, *RAPTR, "--train-iters", "40", "--save", str(save)]
+    job = torchrun(*common, "--exit-signal-handler", "--metrics-file", tmp_path / "interrupted.jsonl")
+    wait_for_iterations(job, tmp_path / "interrupted.jsonl", 3)
+    worker(job, 0).terminate()
+    output = finish(job, 60)
+    assert job.returncode == 0, output
+    stopped = train_iterations(tmp_path / "interrupted.jsonl")[-1]
+    assert stopped < 40 and tracker(save) == stopped
+    assert f"exiting at iteration {stopped} (SIGTERM received)" in output
+
+    run_distributed(_pretrain_each, 2, [
+        common + ["--metrics-file", str(tmp_path / "resumed.jsonl"), "--load", str(save)],
+        MODEL + RAPTR + ["--train-iters", "40", "--metrics-file", str(tmp_path / "uninterrupted.jsonl")],
+    ])
+    interrupted, resumed, reference = (train_records(tmp_path, name)
+                                       for name in ("interrupted", "resumed", "uninterrupted"))  # fmt: skip
+    assert [r["iteration"] for r in resumed] == list(range(stopped + 1, 41))
+    assert [r["active_layers"] for r in interrupted + resumed] == [r["active_layers"] for r in reference]
+    assert losses(interrupted + resumed) == losses(reference)
+

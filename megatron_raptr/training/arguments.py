@@ -70,6 +70,8 @@ def _add_logging_args(parser):
     group.add_argument("--no-load-rng", action="store_true")
     group.add_argument("--exit-interval", type=int, default=None,
                        help="stop (after saving, with --save) once the iteration is divisible by this")
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="on SIGTERM, finish the step, save (on every rank at the same iteration) and exit 0")
     group.add_argument("--eval-interval", type=int, default=1000)
     group.add_argument("--eval-iters", type=int, default=10)
     group.add_argument("--log-interval", type=int, default=100)
@@ -160,8 +162,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     for flag in ("save_interval", "exit_interval"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
-    if args.save_interval is not None and args.save is None:
-        raise ValueError("--save-interval needs --save")
+    for flag in ("save_interval", "exit_signal_handler"):
+        if getattr(args, flag) and args.save is None:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --save")
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must not be negative")

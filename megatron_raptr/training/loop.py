@@ -3,6 +3,7 @@
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Iterator, List, Optional, Sequence
@@ -22,6 +23,7 @@ from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
 from megatron_raptr.training.initialize import current_device, initialize_distributed
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
+from megatron_raptr.training.signals import ExitSignalHandler
 from megatron_raptr.training.model import build_model, build_optimizer, padded_vocab_size, transformer_config
 from megatron_raptr.training.tokenizer import build_tokenizer
 
@@ -166,7 +168,8 @@ class Trainer:
             chunk.train()
         return _mean_loss(losses)
 
-    def train(self, state: TrainState, train_dataset, valid_dataset) -> Optional[float]:
+    def train(self, state: TrainState, train_dataset, valid_dataset,
+              exit_signal: Optional[ExitSignalHandler] = None) -> Optional[float]:
         args = self.args
         data_iterator = data.build_data_iterator(
             train_dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
@@ -196,11 +199,13 @@ class Trainer:
             if state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters:
                 val_loss = self._evaluate_and_report(state, valid_dataset)
             exiting = bool(args.exit_interval) and state.iteration % args.exit_interval == 0
-            if args.save and (state.iteration == args.train_iters or exiting or
+            signalled = exit_signal is not None and exit_signal.received_on_any_rank()
+            if args.save and (state.iteration == args.train_iters or exiting or signalled or
                               (args.save_interval and state.iteration % args.save_interval == 0)):
                 self.save(state)
-            if exiting:
-                log(f" exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            if exiting or signalled:
+                reason = "SIGTERM received" if signalled else f"--exit-interval {args.exit_interval}"
+                log(f" exiting at iteration {state.iteration} ({reason})")
                 break
         self.metrics.close()
         return val_loss
@@ -248,6 +253,12 @@ def _duration(seconds: float) -> str:
 def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] = None) -> Optional[float]:
     """Runs the whole job; returns the final full-model validation loss (on the last rank)."""
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # Installed first, so that a SIGTERM during set-up also ends in a save after one step.
+    with ExitSignalHandler() if args.exit_signal_handler else nullcontext() as exit_signal:
+        return _pretrain(args, hooks, exit_signal)
+
+
+def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[ExitSignalHandler]) -> Optional[float]:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            args.distributed_timeout_minutes)
     tokenizer = build_tokenizer(args)
@@ -269,7 +280,7 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
     log(args.raptr.describe(args.train_iters))
     log(f"  expected model FLOPs vs full training (output layer included): "
         f"{schedule_flops_fraction(args.raptr, args.train_iters, config, vocab, args.seq_length):.3f}")
-    val_loss = trainer.train(state, train_dataset, valid_dataset)
+    val_loss = trainer.train(state, train_dataset, valid_dataset, exit_signal)
     full = args.train_iters * trainer.flops(args.num_layers)
     log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
         f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
