@@ -147,3 +147,15 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_resuming_repeats_the_run(tm
     assert [r["active_layers"] for r in interrupted + resumed] == [r["active_layers"] for r in reference]
     assert losses(interrupted + resumed) == losses(reference)
 
+
+def test_a_killed_rank_ends_the_job_within_a_minute_naming_it(tmp_path):
+    """The survivor runs --exit-signal-handler, so torchrun's SIGTERM alone would not stop it."""
+    metrics = tmp_path / "metrics.jsonl"
+    job = torchrun(*MODEL, "--train-iters", "2000", "--exit-signal-handler", "--save", tmp_path / "ckpt",
+                   "--metrics-file", metrics)
+    wait_for_iterations(job, metrics, 2)
+    victim = worker(job, 1)
+    victim.kill()
+    output = finish(job, 60)
+    assert job.returncode != 0
+    assert f"Signal 9 (SIGKILL) received by PID {victim.pid}" in output, output
