@@ -1,68 +1,11 @@
 """A diverged run, SIGTERM and a dead rank, on real 2-process launches of pretrain_raptr.py."""
 
-import json
-import subprocess
-import sys
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
-
-from megatron_raptr.sampler import Path as RaptrPath
+from megatron_raptr.sampler import Path
 from tests.distributed import run_distributed
-from tests.test_pretrain import MODEL, RAPTR
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def torchrun(*argv):
-    """pretrain_raptr.py on 2 processes under torchrun; stdout and stderr together."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "pretrain_raptr.py"), *map(str, argv)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def finish(job, timeout_s: float) -> str:
-    """The job's output once it ends; a job still running after `timeout_s` is killed and fails the test."""
-    try:
-        return job.communicate(timeout=timeout_s)[0]
-    except subprocess.TimeoutExpired:
-        for process in [*psutil.Process(job.pid).children(recursive=True), job]:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        raise AssertionError(f"still running after {timeout_s} s:\n{job.communicate()[0]}") from None
-
-
-def train_iterations(metrics: Path):
-    if not metrics.exists():
-        return []
-    return [record["iteration"] for record in map(json.loads, metrics.read_text().splitlines())
-            if "lm_loss" in record]  # fmt: skip
-
-
-def wait_for_iterations(job, metrics: Path, count: int, timeout_s: float = 60):
-    deadline = time.monotonic() + timeout_s
-    while len(train_iterations(metrics)) < count:
-        assert job.poll() is None, finish(job, 0)
-        assert time.monotonic() < deadline, f"no {count} iterations in {timeout_s} s"
-        time.sleep(0.05)
-
-
-def worker(job, rank: int) -> psutil.Process:
-    """The training process of `rank` under the torchrun `job`."""
-    for child in psutil.Process(job.pid).children(recursive=True):
-        if child.environ().get("RANK") == str(rank):
-            return child
-    raise AssertionError(f"no rank {rank} under torchrun")
-
-
-def tracker(save: Path) -> int:
-    return int((save / "latest_checkpointed_iteration.txt").read_text())
+from tests.launch import finish, torchrun, tracker, train_iterations, wait_for_iterations, worker
+from tests.test_pretrain import MODEL, RAPTR, _pretrain_each, losses, train_records
 
 
 def _check_each(cases):
@@ -85,7 +28,7 @@ def _check_each(cases):
         )  # fmt: skip
         losses = [] if loss is None else [{"lm loss": torch.tensor(loss)}]
         try:
-            Trainer._check_finite(trainer, losses, RaptrPath(6, 1, (1, 3), {}))
+            Trainer._check_finite(trainer, losses, Path(6, 1, (1, 3), {}))
             messages.append(None)
         except TrainingStopped as error:
             messages.append(str(error))
@@ -124,26 +67,24 @@ def test_diverged_run_exits_nonzero_before_saving_the_broken_state(tmp_path):
 
 def test_sigterm_to_one_rank_saves_on_every_rank_and_resuming_repeats_the_run(tmp_path):
     """Only rank 0 gets SIGTERM; rank 1 (the last, which writes the metrics) must stop with it."""
-    from tests.test_pretrain import _pretrain_each, losses, train_records
-
-    save = tmp_path / "ckpt"
-    common = [*MODEL, *RAPTR, "--train-iters", "40", "--save", str(save)]
+    save, iters = tmp_path / "ckpt", 60
+    common = [*MODEL, *RAPTR, "--train-iters", str(iters), "--save", str(save)]
     job = torchrun(*common, "--exit-signal-handler", "--metrics-file", tmp_path / "interrupted.jsonl")
     wait_for_iterations(job, tmp_path / "interrupted.jsonl", 3)
     worker(job, 0).terminate()
     output = finish(job, 60)
     assert job.returncode == 0, output
     stopped = train_iterations(tmp_path / "interrupted.jsonl")[-1]
-    assert stopped < 40 and tracker(save) == stopped
+    assert stopped < iters and tracker(save) == stopped
     assert f"exiting at iteration {stopped} (SIGTERM received)" in output
 
     run_distributed(_pretrain_each, 2, [
         common + ["--metrics-file", str(tmp_path / "resumed.jsonl"), "--load", str(save)],
-        MODEL + RAPTR + ["--train-iters", "40", "--metrics-file", str(tmp_path / "uninterrupted.jsonl")],
+        MODEL + RAPTR + ["--train-iters", str(iters), "--metrics-file", str(tmp_path / "uninterrupted.jsonl")],
     ])
     interrupted, resumed, reference = (train_records(tmp_path, name)
                                        for name in ("interrupted", "resumed", "uninterrupted"))  # fmt: skip
-    assert [r["iteration"] for r in resumed] == list(range(stopped + 1, 41))
+    assert [r["iteration"] for r in resumed] == list(range(stopped + 1, iters + 1))
     assert [r["active_layers"] for r in interrupted + resumed] == [r["active_layers"] for r in reference]
     assert losses(interrupted + resumed) == losses(reference)
 
