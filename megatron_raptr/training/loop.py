@@ -23,8 +23,8 @@ from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
 from megatron_raptr.training.initialize import current_device, initialize_distributed
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
-from megatron_raptr.training.signals import ExitSignalHandler
 from megatron_raptr.training.model import build_model, build_optimizer, padded_vocab_size, transformer_config
+from megatron_raptr.training.signals import ExitSignalHandler
 from megatron_raptr.training.tokenizer import build_tokenizer
 
 
