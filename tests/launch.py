@@ -41,7 +41,7 @@ def train_iterations(metrics: Path):
             if "lm_loss" in record]  # fmt: skip
 
 
-def wait_for_iterations(job: subprocess.Popen, metrics: Path, count: int, timeout_s: float = 60) -> None:
+def wait_for_iterations(job: subprocess.Popen, metrics: Path, count: int, timeout_s: float = 120) -> None:
     """Returns once `metrics` has `count` training records; fails, ending the job, when the job
     ends first or takes longer."""
     deadline = time.monotonic() + timeout_s
