@@ -12,7 +12,7 @@ import warnings
 warnings.filterwarnings("ignore", r"(Transformer Engine and Apex are|Apex is) not installed", UserWarning,
                         r"megatron\.core\.")
 
-from megatron_raptr.training.loop import pretrain  # noqa: E402  (after the filter: the warnings come at import)
+from megatron_raptr.training.loop import main  # noqa: E402  (after the filter: the warnings come at import)
 
 if __name__ == "__main__":
-    pretrain()
+    main()

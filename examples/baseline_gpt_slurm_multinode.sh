@@ -5,8 +5,9 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
+#SBATCH --signal=TERM@300
 # The baseline of examples/gpt_slurm_multinode.sh: the same model, data and flags, full model
-# every step.
+# every step. sbatch reads the #SBATCH lines of the submitted script only: keep them equal.
 #
 #   sbatch examples/baseline_gpt_slurm_multinode.sh        (submit from the repository root)
 #

@@ -18,8 +18,8 @@
 #                    corpus tokenized with 32k pieces; make it with
 #                    PREPARE_ONLY=1 VOCAB_SIZE=32000 bash examples/quickstart_cpu.sh)
 #   TOKENIZER_MODEL  SentencePiece model (default data/tokenizer/spm32000.model)
-#   RUN_NAME         outputs go to runs/RUN_NAME: ckpt/ (saved and resumed), metrics.jsonl,
-#                    data_cache/
+#   RUN_NAME         outputs go to runs/RUN_NAME: ckpt/ (saved and resumed, and saved on
+#                    SIGTERM), metrics.jsonl, data_cache/
 
 case ${MODEL:=350m} in
     350m) model=(--num-layers 24 --hidden-size 1024 --num-attention-heads 16) ;;
@@ -53,7 +53,7 @@ GPT_ARGS=(
     "${data[@]}" --data-cache-path "$RUN_DIR/data_cache"
     --tokenizer-type SentencePieceTokenizer
     --tokenizer-model "${TOKENIZER_MODEL:-data/tokenizer/spm32000.model}"
-    --save "$RUN_DIR/ckpt" --load "$RUN_DIR/ckpt" --save-interval 1000
+    --save "$RUN_DIR/ckpt" --load "$RUN_DIR/ckpt" --save-interval 1000 --exit-signal-handler
     --eval-interval 1000 --eval-iters 20 --log-interval 10
     --metrics-file "$RUN_DIR/metrics.jsonl"
 )

@@ -5,6 +5,10 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
+# SIGTERM to every process of the job steps 5 minutes before the time limit (SLURM may send
+# it up to a minute earlier): time for a step and a checkpoint save. Not "B:TERM", which
+# would signal only this batch shell, not the training processes.
+#SBATCH --signal=TERM@300
 # RaPTr GPT pretraining on several nodes under SLURM: one torchrun per node, meeting at the
 # first node (c10d rendezvous).
 #
@@ -31,8 +35,15 @@ source examples/gpt_args.sh
 
 # The first node; sed, unlike head, reads all input: no SIGPIPE failure under pipefail.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+# SIGTERM (before the time limit, on preemption or scancel) reaches every training process
+# directly; with --exit-signal-handler (in GPT_ARGS) they save at one iteration and exit 0.
+# Everything else ignores it: this shell and torchrun (ignored at start, and left out of
+# the signals torchrun handles) must wait for that save. A torchrun acting on SIGTERM would
+# exit 1 after its workers' clean exit, and SIGKILL them if the save took over 30 s.
+trap '' TERM
 # The rendezvous numbers the nodes, so every node runs the same command.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun \
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'trap "" TERM; exec "$@"' bash torchrun \
+    --signals-to-handle SIGINT,SIGHUP,SIGQUIT \
     --nnodes "$SLURM_NNODES" --nproc-per-node "${GPUS_PER_NODE:-8}" \
     --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d \
     --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \

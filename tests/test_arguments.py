@@ -15,6 +15,8 @@ def test_derived_defaults():
     assert (args.data_parallel_size, args.num_microbatches, args.ffn_hidden_size) == (4, 2, 256)
     assert (args.max_position_embeddings, args.lr_decay_iters) == (32, 10)
     assert args.raptr.num_layers == 4 and args.raptr.stages[0].length == 4  # baseline: full model
+    assert args.check_for_nan_in_loss_and_grad and not args.exit_signal_handler  # Megatron-LM's defaults
+    assert not parse_args(BASE + ["--no-check-for-nan-in-loss-and-grad"]).check_for_nan_in_loss_and_grad
     assert parse_args(BASE + ["--overlap-grad-reduce"], world_size=2).overlap_grad_reduce
     assert not parse_args(BASE + ["--overlap-grad-reduce"], world_size=1).overlap_grad_reduce  # no DP to overlap
 
@@ -64,6 +66,7 @@ def test_schedule_defaults():
     (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "1,x"], 1,
      "--raptr-fixed-layers: expected layer numbers separated by commas or spaces, got '1,x'"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--exit-signal-handler"], 1, "--exit-signal-handler needs --save"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
 ])
 def test_bad_arguments_name_the_flag(extra, world_size, message, capsys):

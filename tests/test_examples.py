@@ -1,16 +1,24 @@
-"""The example launch scripts: syntax, ShellCheck (tools/*.sh and .ci/run too), and that the GPU
-ones hand pretrain_raptr.py flags its parser accepts (torchrun, srun and scontrol replaced by stubs)."""
+"""The example launch scripts: syntax, ShellCheck (tools/*.sh and .ci/run too), that the GPU ones
+hand pretrain_raptr.py flags its parser accepts (torchrun, srun and scontrol replaced by stubs),
+and the SLURM one training for real on two simulated nodes."""
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_raptr.training.arguments import build_parser
+from megatron_raptr.training.initialize import free_port
+from tests.launch import finish, tracker, train_iterations, wait_for_iterations
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "examples").glob("*.sh"))
@@ -46,13 +54,17 @@ STUBS = {
 }
 
 
+def write_stubs(bin_dir, stubs, shebang="#!/usr/bin/env bash\n"):
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in stubs.items():
+        stub = bin_dir / name
+        stub.write_text(shebang + body)
+        stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+
+
 def launch(tmp_path, script, **env):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, body in STUBS.items():
-        stub = bin_dir / name
-        stub.write_text("#!/usr/bin/env bash\n" + body)
-        stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    write_stubs(bin_dir, STUBS)
     record = tmp_path / "torchrun_args"
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("RAPTR_SCHEDULE", "RUN_NAME", "MODEL", "DATA_PATH")}  # fmt: skip
@@ -87,9 +99,80 @@ def test_slurm_multinode_and_its_baseline(tmp_path):
     launcher, args = launch(tmp_path, "gpt_slurm_multinode.sh", **slurm)
     assert launcher[launcher.index("--nnodes") + 1] == "2"
     assert launcher[launcher.index("--rdzv-endpoint") + 1] == "node7:29500"
-    assert args.hidden_size == 2048 and args.raptr_schedule is not None
+    assert args.hidden_size == 2048 and args.raptr_schedule is not None and args.exit_signal_handler
 
     _, baseline = launch(tmp_path, "baseline_gpt_slurm_multinode.sh", **slurm)
     assert baseline.raptr_schedule is None and baseline.hidden_size == 2048
     assert not baseline.sequence_parallel
     assert baseline.metrics_file == "runs/gpt_slurm_baseline/metrics.jsonl"
+
+    def sbatch_options(script):  # sbatch reads the submitted script's only
+        lines = (ROOT / "examples" / script).read_text().splitlines()
+        return [line for line in lines if line.startswith("#SBATCH") and "--job-name" not in line]
+
+    assert "#SBATCH --signal=TERM@300" in sbatch_options("gpt_slurm_multinode.sh")
+    assert sbatch_options("gpt_slurm_multinode.sh") == sbatch_options("baseline_gpt_slurm_multinode.sh")
+
+
+# srun on two simulated nodes: the task once per node, on this machine, each started as
+# slurmstepd starts tasks (default signal dispositions), its agent's pid in nodeN.pid.
+TWO_NODE_SRUN = """
+import os, signal, subprocess, sys
+
+task = sys.argv[1:]
+while task[0].startswith("--"):
+    task.pop(0)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the batch script ignores it; tasks start with the default
+nodes = []
+for node in range(2):
+    nodes.append(subprocess.Popen(task))
+    with open(os.path.join(os.environ["NODE_PIDS"], f"node{node}.pid"), "w") as f:
+        f.write(str(nodes[-1].pid))
+sys.exit(max(int(node.wait() != 0) for node in nodes))
+"""
+
+
+def write_dataset(prefix, documents, vocab_size, seed):
+    """Megatron's indexed format, random token ids: what tools/preprocess_data.py writes."""
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", DType.optimal_dtype(vocab_size))
+    for _ in range(documents):
+        tokens = torch.from_numpy(rng.integers(0, vocab_size, size=int(rng.integers(20, 80))))
+        builder.add_document(tokens, [len(tokens)])
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_slurm_example_on_two_simulated_nodes_saves_and_exits_0_on_sigterm(tmp_path):
+    """The SLURM script's own srun/torchrun line and GPT_ARGS (a tiny model on indexed data), two
+    torchrun agents rendezvousing on localhost, one process each. SIGTERM reaches one node's
+    processes (agent and worker, as SLURM signals a job step's) mid-run."""
+    job_dir, data = tmp_path / "job", tmp_path / "data"
+    job_dir.mkdir(), data.mkdir()
+    for name in ("pretrain_raptr.py", "examples"):
+        (job_dir / name).symlink_to(ROOT / name)
+    write_dataset(data / "train", 100, 500, seed=1)
+    write_dataset(data / "valid", 20, 500, seed=2)
+    bin_dir = tmp_path / "bin"
+    write_stubs(bin_dir, {"scontrol": "echo 127.0.0.1; echo 127.0.0.2\n"})
+    write_stubs(bin_dir, {"srun": TWO_NODE_SRUN}, shebang=f"#!{sys.executable}\n")
+    env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               SLURM_SUBMIT_DIR=str(job_dir), SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2",
+               SLURM_JOB_ID="4242", MASTER_PORT=str(free_port()), GPUS_PER_NODE="1", NODE_PIDS=str(tmp_path),
+               RUN_NAME="tiny", RAPTR_SCHEDULE="3@0,4@0.5", TRAIN_DATA=str(data / "train"),
+               VALID_DATA=str(data / "valid"))  # fmt: skip
+    tiny = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+            "--micro-batch-size 2 --global-batch-size 4 --train-iters 200 --lr-warmup-iters 2 --eval-interval 20 "
+            "--eval-iters 1 --log-interval 1 --tokenizer-type NullTokenizer --vocab-size 500").split()
+    job = subprocess.Popen(["bash", "examples/gpt_slurm_multinode.sh", *tiny], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    run_dir = job_dir / "runs" / "tiny"
+    wait_for_iterations(job, run_dir / "metrics.jsonl", 3)
+    node = psutil.Process(int((tmp_path / "node0.pid").read_text()))
+    for process in [node, *node.children(recursive=True)]:
+        process.send_signal(signal.SIGTERM)
+    output = finish(job, 90)
+
+    assert job.returncode == 0, output  # both agents exited 0
+    stopped = tracker(run_dir / "ckpt")
+    assert train_iterations(run_dir / "metrics.jsonl") == list(range(1, stopped + 1)) and stopped < 200
+    assert f"exiting at iteration {stopped} (SIGTERM received)" in output

@@ -59,6 +59,8 @@ def _add_training_args(parser):
     group.add_argument("--adam-beta1", type=float, default=0.9)
     group.add_argument("--adam-beta2", type=float, default=0.999)
     group.add_argument("--adam-eps", type=float, default=1e-8)
+    group.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                       help="stop every rank before the optimizer step when the loss or a gradient is NaN or Inf")
 
 
 def _add_logging_args(parser):
@@ -69,6 +71,8 @@ def _add_logging_args(parser):
     group.add_argument("--no-load-rng", action="store_true")
     group.add_argument("--exit-interval", type=int, default=None,
                        help="stop (after saving, with --save) once the iteration is divisible by this")
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="on SIGTERM, finish the step, save (on every rank at the same iteration) and exit 0")
     group.add_argument("--eval-interval", type=int, default=1000)
     group.add_argument("--eval-iters", type=int, default=10)
     group.add_argument("--skip-train", action="store_true",
@@ -181,8 +185,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be less than --lr-decay-iters "
                          f"{args.lr_decay_iters} (default: --train-iters)")
-    if args.save_interval is not None and args.save is None:
-        raise ValueError("--save-interval needs --save")
+    for flag in ("save_interval", "exit_signal_handler"):
+        if getattr(args, flag) and args.save is None:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --save")
     if args.skip_train and not (args.load and args.eval_iters):
         raise ValueError("--skip-train evaluates a checkpoint: it needs --load and --eval-iters > 0")
     if args.multiple_validation_sets and not args.valid_data_path:

@@ -1,7 +1,9 @@
 """The pretraining loop: Megatron-Core's schedules, one RaPTr path per global step."""
 
 import os
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -22,6 +24,7 @@ from megatron_raptr.training.arguments import parse_args
 from megatron_raptr.training.initialize import current_device, initialize_distributed, megatron_fallbacks
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
 from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
+from megatron_raptr.training.signals import ExitSignalHandler
 from megatron_raptr.training.tokenizer import build_tokenizer
 
 
@@ -33,6 +36,10 @@ class TrainState:
     consumed_samples: int = 0
     cumulative_flops: float = 0.0
     elapsed_s: float = 0.0  # training time, carried across restarts
+
+
+class TrainingStopped(RuntimeError):
+    """Raised on every rank together, with the same message: the run cannot go on."""
 
 
 def log(message: str) -> None:
@@ -98,6 +105,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.forward_backward(**self.schedule_kwargs(data_iterator, forward_only=False))
+        if self.args.check_for_nan_in_loss_and_grad:
+            self._check_finite(losses, path)
         lr_scale = 1.0
         for hook in self.hooks:
             lr_scale *= hook.lr_scale(self.schedule, t)
@@ -117,6 +126,31 @@ class Trainer:
             step_flops=flops, cumulative_flops=state.cumulative_flops,
         )
 
+    def _check_finite(self, losses: Sequence[dict], path: Path) -> None:
+        """Stops every rank, before the optimizer step, when any rank's loss or gradient is NaN or Inf.
+
+        The loss exists on the last pipeline stage only, and with the distributed optimizer each
+        rank holds its own shard of reduced gradients: every rank checks what it has, and one
+        all-reduce over the world gives all of them the verdict, so all stop together.
+        """
+        bad = torch.zeros(2, device=current_device())
+        if losses:
+            bad[0] = ~torch.stack([item["lm loss"] for item in losses]).isfinite().all()
+        # Under fp16, overflowing gradients are the loss scaler's business: the optimizer skips the step.
+        if not self.args.fp16:
+            # A sum is NaN or Inf if any element is, without a bool copy of the buffer.
+            sums = [buffer.grad_data.sum() for chunk in self.model
+                    for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+            bad[1] = ~torch.stack(sums).isfinite().all()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        found = [what for what, flag in zip(("loss", "gradients"), bad.tolist()) if flag]
+        if found:
+            raise TrainingStopped(
+                f"NaN or Inf in the {' and '.join(found)} at iteration {path.iteration + 1} "
+                f"(stage {path.stage}, path layers {list(path.active)}): stopped before the optimizer step, "
+                "so no checkpoint holds this state. --no-check-for-nan-in-loss-and-grad trains on regardless."
+            )
+
     @torch.no_grad()
     def evaluate(self, valid_dataset) -> Optional[float]:
         """Validation loss of the full model (eval mode runs every layer, unscaled)."""
@@ -133,7 +167,8 @@ class Trainer:
             chunk.train()
         return _mean_loss(losses)
 
-    def train(self, state: TrainState, train_dataset, valid_sets: dict) -> Optional[float]:
+    def train(self, state: TrainState, train_dataset, valid_sets: dict,
+              exit_signal: Optional[ExitSignalHandler] = None) -> Optional[float]:
         """Trains to --train-iters; returns the last validation loss of the first validation set.
 
         valid_sets: name -> dataset; the name is None for the one set of a run without
@@ -168,11 +203,13 @@ class Trainer:
             if state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters:
                 val_loss = self.evaluate_and_report(state, valid_sets)
             exiting = bool(args.exit_interval) and state.iteration % args.exit_interval == 0
-            if args.save and (state.iteration == args.train_iters or exiting or
+            signalled = exit_signal is not None and exit_signal.received_on_any_rank()
+            if args.save and (state.iteration == args.train_iters or exiting or signalled or
                               (args.save_interval and state.iteration % args.save_interval == 0)):
                 self.save(state)
-            if exiting:
-                log(f" exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            if exiting or signalled:
+                reason = "SIGTERM received" if signalled else f"--exit-interval {args.exit_interval}"
+                log(f" exiting at iteration {state.iteration} ({reason})")
                 break
         self.metrics.close()
         return val_loss
@@ -237,6 +274,12 @@ def build_trainer(args, hooks: Sequence[StageHook] = ()) -> Tuple[Trainer, objec
 def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] = None) -> Optional[float]:
     """Runs the whole job; returns the final full-model validation loss (on the last rank)."""
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # Installed first, so that a SIGTERM during set-up also ends in a save after one step.
+    with ExitSignalHandler() if args.exit_signal_handler else nullcontext() as exit_signal:
+        return _pretrain(args, hooks, exit_signal)
+
+
+def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[ExitSignalHandler]) -> Optional[float]:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            args.distributed_timeout_minutes)
     fallbacks = megatron_fallbacks()
@@ -262,8 +305,18 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
     fraction = schedule_flops_fraction(args.raptr, args.train_iters, trainer.config, args.padded_vocab_size,
                                        args.seq_length)
     log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
-    val_loss = trainer.train(state, train_dataset, valid_sets)
+    val_loss = trainer.train(state, train_dataset, valid_sets, exit_signal)
     full = args.train_iters * trainer.flops(args.num_layers)
     log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
         f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
     return val_loss
+
+
+def main() -> None:
+    """pretrain_raptr.py: a TrainingStopped error is one line on stderr and exit status 1, no traceback."""
+    try:
+        pretrain()
+    except TrainingStopped as error:
+        if dist.get_rank() == dist.get_world_size() - 1:  # every rank has the same message
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
