@@ -11,7 +11,7 @@ layer on another stage is sent over the pipeline group. The step count, one per
 parameter group in Megatron's checkpoints, stays shared.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,7 @@ def grow(model: ModelChunks, optimizer: MegatronOptimizer, layout: Sequence[int]
     weights, main weights and optimizer state; ``new_layers`` get zero moments instead.
     Collective over the pipeline and data-parallel groups; every rank passes the same arguments."""
     layers = {layer.layer_number: layer for layer in raptr_layers(model)}
+    keys = _state_keys(optimizer)
     stage_of = _stage_of(layout)
     my_stage = parallel_state.get_pipeline_model_parallel_rank()
     pipeline_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
@@ -58,9 +59,8 @@ def grow(model: ModelChunks, optimizer: MegatronOptimizer, layout: Sequence[int]
         template = layers[source] if my_stage == source_stage else layers[target]
         for name, param in template.named_parameters():
             if my_stage == source_stage:
-                keys, state = _full_state(optimizer, param)
+                state = _full_state(optimizer, param, keys)
             else:
-                keys = _keys(optimizer, dict(layers[target].named_parameters())[name])
                 state = torch.empty(len(keys), param.numel(), dtype=torch.float32, device=param.device)
             if source_stage != target_stage:
                 if my_stage == source_stage:
@@ -82,6 +82,15 @@ def _stage_of(layout: Sequence[int]) -> Dict[int, int]:
     return stages
 
 
+def _state_keys(optimizer: MegatronOptimizer) -> List[str]:
+    """'param' (the main weights) and the moments the optimizer keeps, the same on every rank
+    (Adam creates its state for every parameter in the first step)."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in sub.optimizer.state.values():
+            return ["param"] + sorted(_without_step(state))
+    return ["param"]
+
+
 def _slots(optimizer: MegatronOptimizer, param: torch.nn.Parameter):
     """Where this rank keeps ``param``'s main weights and optimizer state: the flat element
     range [start, end) of the parameter it holds, the tensors holding exactly those elements
@@ -93,6 +102,8 @@ def _slots(optimizer: MegatronOptimizer, param: torch.nn.Parameter):
                 shard = sub._get_model_param_range_map(param)["param"]
                 tensors = sub._get_main_param_and_optimizer_states(param)
                 return shard.start, shard.end, _without_step(tensors), sub.data_parallel_group
+            if any(param in buffer.param_index_map for buffer in sub.buffers):
+                return 0, 0, {}, sub.data_parallel_group  # all of it on other data-parallel ranks
             continue
         # Float16Optimizer's fp32 copy; for fp32 training the parameter is its own main copy.
         main = getattr(param, "main_param", None)
@@ -106,20 +117,16 @@ def _without_step(tensors: dict) -> Dict[str, torch.Tensor]:
     return {key: value for key, value in tensors.items() if key != "step"}
 
 
-def _keys(optimizer: MegatronOptimizer, param: torch.nn.Parameter) -> List[str]:
-    return sorted(_slots(optimizer, param)[2])
-
-
-def _full_state(optimizer: MegatronOptimizer, param: torch.nn.Parameter) -> Tuple[List[str], torch.Tensor]:
-    """Keys and the whole of ``param``'s main weights and state, one fp32 row per key."""
+def _full_state(optimizer: MegatronOptimizer, param: torch.nn.Parameter, keys: List[str]) -> torch.Tensor:
+    """The whole of ``param``'s main weights and state, one fp32 row per key."""
     start, end, tensors, group = _slots(optimizer, param)
-    keys = sorted(tensors)
     state = torch.zeros(len(keys), param.numel(), dtype=torch.float32, device=param.device)
     for row, key in enumerate(keys):
-        state[row, start:end] = tensors[key].reshape(-1)
+        if key in tensors:
+            state[row, start:end] = tensors[key].reshape(-1)
     if group is not None:
         dist.all_reduce(state, group=group)  # data-parallel slices are disjoint
-    return keys, state
+    return state
 
 
 def _set_state(optimizer: MegatronOptimizer, param: torch.nn.Parameter, keys: List[str], state: torch.Tensor,
@@ -127,6 +134,8 @@ def _set_state(optimizer: MegatronOptimizer, param: torch.nn.Parameter, keys: Li
     start, end, tensors, _ = _slots(optimizer, param)
     param.copy_(state[keys.index("param")].view_as(param))  # the model weights, in the model's dtype
     for row, key in enumerate(keys):
+        if key not in tensors:
+            continue
         if key != "param" and zero_moments:
             tensors[key].zero_()
         else:
