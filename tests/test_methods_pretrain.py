@@ -50,7 +50,8 @@ def runs(tmp_path_factory):
         argv("raptr-then-full", "--train-iters", "8", "--load", ckpt("raptr-6")),
     ])
     run_distributed(_pretrain_each, 2, [
-        *[argv(f"stacking-{name}", *STACKING, *layout, "--load", ckpt("stacking-10")) for name, layout in LAYOUTS.items()],
+        *[argv(f"stacking-{name}", *STACKING, *layout, "--load", ckpt("stacking-10"))
+          for name, layout in LAYOUTS.items()],
         *[argv(f"pld-{name}", *PLD, *layout, "--load", ckpt("pld-4")) for name, layout in LAYOUTS.items()],
     ])
     return tmp

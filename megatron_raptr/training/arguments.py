@@ -129,7 +129,6 @@ def _add_pld_args(parser):
                             f"(default with --pld-theta: {PLD_GAMMA})")
 
 
-
 class _LayerNumbers(argparse.Action):
     """Layer numbers as '1,8' (like --raptr-schedule) or '1 8'."""
 

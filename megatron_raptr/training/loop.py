@@ -103,6 +103,11 @@ class Trainer:
             return list(self.path.active)
         return list(range(1, self.args.num_layers + 1))
 
+    def evaluated_model(self) -> str:
+        """What evaluation runs, for the log."""
+        layers = self.evaluated_layers()
+        return "full model" if len(layers) == self.args.num_layers else f"layers {layers[0]}-{layers[-1]}"
+
     def train_step(self, state: TrainState, data_iterator) -> dict:
         t = state.iteration
         path = self.apply_path(t)
@@ -192,8 +197,7 @@ class Trainer:
             layers = self.evaluated_layers()
             self.metrics.eval(dict(iteration=state.iteration, method=self.args.method, val_loss=loss,
                                    val_ppl=perplexity(loss), evaluated_layers=layers))
-            evaluated = "full model" if len(layers) == self.args.num_layers else f"layers 1-{len(layers)}"
-            log(f" validation ({evaluated}) at iteration {state.iteration} | lm loss: {loss:.6E} | "
+            log(f" validation ({self.evaluated_model()}) at iteration {state.iteration} | lm loss: {loss:.6E} | "
                 f"lm loss PPL: {perplexity(loss):.6E}")
         return loss
 
@@ -265,6 +269,6 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
     log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
     val_loss = trainer.train(state, train_dataset, valid_dataset)
     full = args.train_iters * trainer.flops(args.num_layers)
-    log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
+    log(f"final validation loss ({trainer.evaluated_model()}): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
         f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
     return val_loss
