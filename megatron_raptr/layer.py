@@ -3,7 +3,8 @@
 Use ``get_gpt_raptr_layer_spec()`` (or ``raptr_layer_spec(spec)`` on any
 TransformerLayer spec) when building the model, then apply each iteration's path
 with a ``PathSetter``. An off-path layer returns its input: no forward, no
-backward, no saved activations. In eval mode every layer runs, unscaled.
+backward, no saved activations. In eval mode every layer runs, unscaled, unless
+the path says it gates evaluation too (gradual stacking's prefix).
 """
 
 import dataclasses
@@ -30,9 +31,10 @@ class RaptrTransformerLayer(TransformerLayer):
         super().__init__(*args, **kwargs)
         self.raptr_active = True
         self.raptr_scale = 1.0
+        self.raptr_gates_eval = False
 
     def forward(self, *args, **kwargs):
-        if not self.training:
+        if not self.training and not self.raptr_gates_eval:
             return super().forward(*args, **kwargs)
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if not self.raptr_active:
@@ -120,6 +122,7 @@ class PathSetter:
             for layer in layers:
                 layer.raptr_active = layer.layer_number in active
                 layer.raptr_scale = path.scales.get(layer.layer_number, 1.0)
+                layer.raptr_gates_eval = path.gates_eval
                 if not layer.raptr_active:
                     skipped.extend(self.trainable[layer])
             if isinstance(chunk, RaptrDistributedDataParallel):

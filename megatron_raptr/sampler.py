@@ -23,6 +23,9 @@ class Path:
     stage: int
     active: Tuple[int, ...]  # sorted 1-based global layer numbers
     scales: Dict[int, float]  # residual-update multiplier of each active layer
+    # Whether the path gates evaluation too (stacking: the layers off it do not exist yet);
+    # otherwise evaluation runs every layer, unscaled.
+    gates_eval: bool = False
 
     def checksum(self) -> int:
         """A 31-bit digest of (iteration, active layers), for cross-rank sync checks."""

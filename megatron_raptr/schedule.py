@@ -1,9 +1,11 @@
-"""RaPTr stage schedules: which expected path length trains from which iteration.
+"""Stage schedules: which expected path length trains from which iteration.
 
 A schedule is written as ``LENGTH@START`` stages separated by commas, e.g.
 ``6@0,8@0.25,10@0.5,12@0.75``. LENGTH is the expected number of layers on the
 path; START is an iteration (an integer) or a fraction of the training
-iterations (a number with a decimal point).
+iterations (a number with a decimal point). RaPTr's stages (``--raptr-schedule``)
+and gradual stacking's (``--stacking-schedule``, megatron_raptr/stacking.py) share
+this form and ``StagedSchedule``.
 """
 
 import bisect
@@ -22,7 +24,47 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class RaptrSchedule:
+class StagedSchedule:
+    """Stages of a run over ``num_layers`` layers; ``FLAG`` names the option they came from."""
+
+    stages: Tuple[Stage, ...]
+    num_layers: int
+    FLAG = FLAG
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError(f"{self.FLAG} has no stages")
+        if self.stages[0].start != 0:
+            raise ValueError(f"{self.FLAG}: the first stage must start at iteration 0, not {self.stages[0].start}")
+        for before, after in zip(self.stages, self.stages[1:]):
+            if after.start <= before.start:
+                raise ValueError(
+                    f"{self.FLAG}: stage starts must increase, but {after.length:g}@{after.start} "
+                    f"does not start after {before.length:g}@{before.start}"
+                )
+
+    def stage_index(self, iteration: int) -> int:
+        return bisect.bisect_right([stage.start for stage in self.stages], iteration) - 1
+
+    def stage_iterations(self, train_iters: int) -> Tuple[int, ...]:
+        """How many of ``train_iters`` iterations each stage trains."""
+        ends = [stage.start for stage in self.stages[1:]] + [train_iters]
+        return tuple(max(0, min(end, train_iters) - min(stage.start, train_iters))
+                     for stage, end in zip(self.stages, ends))
+
+    def expected_layer_fraction(self, train_iters: int) -> float:
+        """Expected transformer-layer FLOPs of the run relative to training the full model."""
+        steps = self.stage_iterations(train_iters)
+        mean_length = sum(n * stage.length for n, stage in zip(steps, self.stages)) / sum(steps)
+        return mean_length / self.num_layers
+
+    def stage_summary(self, stage: int) -> str:
+        """What trains during ``stage``, for the log line on entering it."""
+        return f"path length {self.stages[stage].length:g} of {self.num_layers}"
+
+
+@dataclass(frozen=True)
+class RaptrSchedule(StagedSchedule):
     """Stages of a run plus the rules every stage shares.
 
     ``fixed_layers`` are 1-based global layer numbers that are always on the path.
@@ -32,8 +74,6 @@ class RaptrSchedule:
     ``none``. Fixed layers and the full-model stage are never scaled.
     """
 
-    stages: Tuple[Stage, ...]
-    num_layers: int
     fixed_layers: Tuple[int, ...]
     sampling: str = "bernoulli"
     scaling: str = "inverse-keep"
@@ -49,16 +89,7 @@ class RaptrSchedule:
                 f"--raptr-fixed-layers must be distinct layer numbers in 1..{self.num_layers} "
                 f"(1-based), got {list(self.fixed_layers)}"
             )
-        if not self.stages:
-            raise ValueError(f"{FLAG} has no stages")
-        if self.stages[0].start != 0:
-            raise ValueError(f"{FLAG}: the first stage must start at iteration 0, not {self.stages[0].start}")
-        for before, after in zip(self.stages, self.stages[1:]):
-            if after.start <= before.start:
-                raise ValueError(
-                    f"{FLAG}: stage starts must increase, but {after.length:g}@{after.start} "
-                    f"does not start after {before.length:g}@{before.start}"
-                )
+        super().__post_init__()
         for stage in self.stages:
             if not len(self.fixed_layers) <= stage.length <= self.num_layers:
                 raise ValueError(
@@ -81,19 +112,7 @@ class RaptrSchedule:
         scaling: str = "inverse-keep",
     ) -> "RaptrSchedule":
         """Parses ``LENGTH@START,...``; ``fixed_layers`` defaults to the first and last layer."""
-        stages = []
-        for item in text.split(","):
-            length_text, at, start_text = item.strip().partition("@")
-            if not at:
-                raise ValueError(f"{FLAG}: stage {item.strip()!r} is not of the form LENGTH@START")
-            try:
-                length = float(length_text)
-                start = _parse_start(start_text.strip(), train_iters)
-            except ValueError as error:
-                raise ValueError(f"{FLAG}: stage {item.strip()!r}: {error}") from None
-            if start >= train_iters:
-                raise ValueError(f"{FLAG}: stage {item.strip()!r} starts at or after --train-iters ({train_iters})")
-            stages.append(Stage(start=start, length=length))
+        stages = parse_stages(text, train_iters, FLAG)
         if fixed_layers is None:
             fixed_layers = sorted({1, num_layers})
         return cls(tuple(stages), num_layers, tuple(fixed_layers), sampling, scaling)
@@ -103,27 +122,12 @@ class RaptrSchedule:
         """The baseline: every layer on the path at every step."""
         return cls((Stage(0, num_layers),), num_layers, tuple(range(1, num_layers + 1)), scaling="none")
 
-    def stage_index(self, iteration: int) -> int:
-        return bisect.bisect_right([stage.start for stage in self.stages], iteration) - 1
-
     def keep_probability(self, stage_index: int) -> float:
         """Probability that a non-fixed layer is on the path (uniform sampling modes)."""
         free = self.num_layers - len(self.fixed_layers)
         if free == 0:
             return 1.0
         return (self.stages[stage_index].length - len(self.fixed_layers)) / free
-
-    def stage_iterations(self, train_iters: int) -> Tuple[int, ...]:
-        """How many of ``train_iters`` iterations each stage trains."""
-        ends = [stage.start for stage in self.stages[1:]] + [train_iters]
-        return tuple(max(0, min(end, train_iters) - min(stage.start, train_iters))
-                     for stage, end in zip(self.stages, ends))
-
-    def expected_layer_fraction(self, train_iters: int) -> float:
-        """Expected transformer-layer FLOPs of the run relative to training the full model."""
-        steps = self.stage_iterations(train_iters)
-        mean_length = sum(n * stage.length for n, stage in zip(steps, self.stages)) / sum(steps)
-        return mean_length / self.num_layers
 
     def describe(self, train_iters: int) -> str:
         lines = [
@@ -137,6 +141,24 @@ class RaptrSchedule:
             )
         lines.append(f"  expected layer FLOPs vs full training: {self.expected_layer_fraction(train_iters):.3f}")
         return "\n".join(lines)
+
+
+def parse_stages(text: str, train_iters: int, flag: str) -> Tuple[Stage, ...]:
+    """``LENGTH@START,...`` as stages; errors name ``flag``."""
+    stages = []
+    for item in text.split(","):
+        length_text, at, start_text = item.strip().partition("@")
+        if not at:
+            raise ValueError(f"{flag}: stage {item.strip()!r} is not of the form LENGTH@START")
+        try:
+            length = float(length_text)
+            start = _parse_start(start_text.strip(), train_iters)
+        except ValueError as error:
+            raise ValueError(f"{flag}: stage {item.strip()!r}: {error}") from None
+        if start >= train_iters:
+            raise ValueError(f"{flag}: stage {item.strip()!r} starts at or after --train-iters ({train_iters})")
+        stages.append(Stage(start=start, length=length))
+    return tuple(stages)
 
 
 def _parse_start(text: str, train_iters: int) -> int:

@@ -38,6 +38,18 @@ def test_fixed_layers_separated_by_commas_or_spaces(fixed, expected):
 def test_schedule_defaults():
     args = parse_args(BASE + ["--raptr-schedule", "3@0"])
     assert (args.raptr.fixed_layers, args.raptr.sampling, args.raptr.scaling) == ((1, 4), "bernoulli", "inverse-keep")
+    assert args.method == "raptr"
+
+
+def test_each_method_flag_chooses_its_method_with_defaults():
+    assert parse_args(BASE).method == "baseline"
+    stacking = parse_args(BASE + ["--stacking-schedule", "2@0,4@5", "--raptr-verify-sync", "1",
+                                  "--raptr-stage-warmup-iters", "2"])
+    assert (stacking.method, stacking.raptr.copy, stacking.raptr.optimizer_state) == ("stacking", "top", "fresh")
+    assert stacking.method_flags == "--stacking-schedule 2@0,4@5"
+    for flags, theta, gamma in ((["--pld-theta", "0.3"], 0.3, 0.001), (["--pld-gamma", "0.1"], 0.5, 0.1)):
+        pld = parse_args(BASE + flags)
+        assert (pld.method, pld.raptr.theta_bar, pld.raptr.gamma) == ("pld", theta, gamma)
 
 
 @pytest.mark.parametrize("extra, world_size, message", [
@@ -61,8 +73,27 @@ def test_schedule_defaults():
     (["--raptr-fixed-layers"], 1, "--raptr-fixed-layers needs --raptr-schedule"),
     (["--raptr-sampling", "fixed-size"], 1, "--raptr-sampling needs --raptr-schedule"),
     (["--raptr-scaling", "none"], 1, "--raptr-scaling needs --raptr-schedule"),
-    (["--raptr-verify-sync", "5"], 1, "--raptr-verify-sync needs --raptr-schedule"),
-    (["--raptr-stage-warmup-iters", "5"], 1, "--raptr-stage-warmup-iters needs --raptr-schedule"),
+    (["--raptr-verify-sync", "5"], 1, "--raptr-verify-sync needs a method: --raptr-schedule, --stacking-schedule"),
+    (["--raptr-stage-warmup-iters", "5"], 1, "--raptr-stage-warmup-iters needs stages: --raptr-schedule or "
+                                             "--stacking-schedule"),
+    (["--pld-theta", "0.5", "--raptr-stage-warmup-iters", "5"], 1, "--raptr-stage-warmup-iters needs stages"),
+    (["--raptr-schedule", "2@0", "--stacking-schedule", "2@0"], 1,
+     "--raptr-schedule and --stacking-schedule choose different methods"),
+    (["--stacking-schedule", "2@0", "--pld-gamma", "0.1"], 1,
+     "--stacking-schedule and --pld-gamma choose different methods"),
+    (["--pld-theta", "0.5", "--raptr-schedule", "2@0"], 1, "--raptr-schedule and --pld-theta choose different"),
+    (["--stacking-copy", "middle"], 1, "--stacking-copy needs --stacking-schedule"),
+    (["--pld-theta", "0.5", "--stacking-optimizer-state", "copy"], 1,
+     "--stacking-optimizer-state needs --stacking-schedule"),
+    (["--stacking-schedule", "2@0", "--raptr-sampling", "fixed-size"], 1, "--raptr-sampling needs --raptr-schedule"),
+    (["--stacking-schedule", "2@0,4@1.5"], 1, "--stacking-schedule: stage '4@1.5'"),
+    (["--stacking-schedule", "2@0,3@5,3@7"], 1, "--stacking-schedule: the model must grow at every boundary"),
+    (["--stacking-schedule", "2.5@0"], 1, "--stacking-schedule: LENGTH must be a whole number of layers in 1..4"),
+    (["--stacking-schedule", "1@0,3@5"], 1, "--stacking-schedule: growing from 1 to 3 layers at 5 copies 2"),
+    (["--stacking-schedule", "2@3"], 1, "--stacking-schedule: the first stage must start at iteration 0"),
+    (["--pld-theta", "0"], 1, "--pld-theta must lie in (0, 1], got 0"),
+    (["--pld-theta", "1.5"], 1, "--pld-theta must lie in (0, 1], got 1.5"),
+    (["--pld-gamma", "0"], 1, "--pld-gamma must be positive, got 0"),
     (["--raptr-schedule", "2@0", "--raptr-fixed-layers", "1,x"], 1,
      "--raptr-fixed-layers: expected layer numbers separated by commas or spaces, got '1,x'"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),

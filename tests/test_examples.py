@@ -93,6 +93,15 @@ def test_gpt_8gpu_and_its_baseline(tmp_path):
             assert getattr(baseline, key) == value, key
 
 
+def test_stacking_and_pld_beside_gpt_8gpu(tmp_path):
+    _, stacking = launch(tmp_path, "stacking_gpt_8gpu.sh")
+    assert stacking.stacking_schedule == "12@0,18@0.33,24@0.67" and stacking.raptr_schedule is None
+    assert stacking.raptr_stage_warmup_iters == 500 and stacking.save == "runs/gpt_8gpu_stacking/ckpt"
+    _, pld = launch(tmp_path, "pld_gpt_8gpu.sh", PLD_GAMMA="0.002")
+    assert (pld.pld_theta, pld.pld_gamma, pld.raptr_schedule) == (0.5, 0.002, None)
+    assert pld.num_layers == stacking.num_layers == 24 and pld.metrics_file == "runs/gpt_8gpu_pld/metrics.jsonl"
+
+
 def test_slurm_multinode_and_its_baseline(tmp_path):
     slurm = dict(SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST="node[7-8]", SLURM_NNODES="2",
                  SLURM_JOB_ID="42")  # fmt: skip

@@ -50,14 +50,16 @@ def test_metrics_records_have_the_documented_fields(tmp_path):
     train, evals = run(tmp_path, "fields", RAPTR + ["--raptr-verify-sync", "1", "--raptr-stage-warmup-iters", "2"],
                        world_size=1)
     assert [r["iteration"] for r in train] == list(range(1, 9))
-    assert set(train[0]) >= {"iteration", "stage", "path_length", "active_layers", "lm_loss", "lr", "grad_norm",
-                             "tokens", "step_flops", "cumulative_flops", "elapsed_s"}
+    assert set(train[0]) >= {"iteration", "method", "stage", "path_length", "active_layers", "lm_loss", "lr",
+                             "grad_norm", "tokens", "step_flops", "cumulative_flops", "elapsed_s"}
+    assert {r["method"] for r in train} == {"raptr"}
     assert [r["path_length"] for r in train] == [2] * 4 + [3] * 4
     assert all({1, 4} <= set(r["active_layers"]) for r in train)
     assert train[0]["step_flops"] < train[-1]["step_flops"]
     assert train[-1]["cumulative_flops"] == pytest.approx(sum(r["step_flops"] for r in train))
     assert [r["iteration"] for r in evals] == [4, 8]
-    assert all(set(r) == {"iteration", "val_loss", "val_ppl"} for r in evals)
+    assert all(set(r) == {"iteration", "method", "val_loss", "val_ppl", "evaluated_layers"} for r in evals)
+    assert all(r["evaluated_layers"] == [1, 2, 3, 4] for r in evals)  # RaPTr evaluates the full model
     # Megatron's linear decay after 2 warm-up steps to 0 at step 8: step t trains at 1e-3 * (8 - t) / 6;
     # the stage starting at step 4 re-warms over 2 steps.
     assert [r["lr"] for r in train[2:]] == pytest.approx([1e-3 * (8 - t) / 6 * (0.5 if t == 4 else 1)

@@ -1,12 +1,21 @@
-"""Command line of pretrain_raptr.py: Megatron-LM's flag names plus the --raptr-* group."""
+"""Command line of pretrain_raptr.py: Megatron-LM's flag names plus the method groups
+(--raptr-*, --stacking-*, --pld-*)."""
 
 import argparse
 import os
 from typing import List, Optional
 
+from megatron_raptr.pld import PLDSchedule
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
+from megatron_raptr.stacking import COPY_MODES, OPTIMIZER_STATES, StackingSchedule
 from megatron_raptr.training import data
 from megatron_raptr.training.model import padded_vocab_size
+
+# DeepSpeed's progressive layer drop defaults (Zhang and He's setting).
+PLD_THETA, PLD_GAMMA = 0.5, 0.001
+# The flags that choose a method; a run trains with one.
+METHOD_FLAGS = (("raptr", "raptr_schedule"), ("stacking", "stacking_schedule"), ("pld", "pld_theta"),
+                ("pld", "pld_gamma"))
 
 
 def _add_model_args(parser):
@@ -99,9 +108,33 @@ def _add_raptr_args(parser):
                        help=f"multiplier of a kept layer's residual update during training "
                             f"(default: {RaptrSchedule.scaling})")
     group.add_argument("--raptr-verify-sync", type=int, default=0, metavar="N",
-                       help="every N iterations check that all ranks train the same path (0: never)")
+                       help="every N iterations check that all ranks train the same path (0: never; any method)")
     group.add_argument("--raptr-stage-warmup-iters", type=int, default=0,
-                       help="re-warm the learning rate linearly over this many iterations at each stage boundary")
+                       help="re-warm the learning rate linearly over this many iterations at each stage boundary "
+                            "(RaPTr and gradual stacking)")
+
+
+def _add_stacking_args(parser):
+    group = parser.add_argument_group("gradual stacking")
+    group.add_argument("--stacking-schedule", default=None,
+                       help="comma-separated LENGTH@START stages: only the first LENGTH layers exist from START, "
+                            "e.g. 6@0,9@0.33,12@0.67")
+    # Defaults None so that giving them without --stacking-schedule is detected.
+    group.add_argument("--stacking-copy", choices=COPY_MODES, default=None,
+                       help=f"what the new layers copy: the top layers (Reddi et al.) or the middle block "
+                            f"(MIDAS) (default: {StackingSchedule.copy})")
+    group.add_argument("--stacking-optimizer-state", choices=OPTIMIZER_STATES, default=None,
+                       help=f"the new layers' Adam moments: zero, or copied with the weights "
+                            f"(default: {StackingSchedule.optimizer_state})")
+
+
+def _add_pld_args(parser):
+    group = parser.add_argument_group("progressive layer dropping")
+    group.add_argument("--pld-theta", type=float, default=None,
+                       help=f"theta-bar, the keep level theta(t) decays to (default with --pld-gamma: {PLD_THETA})")
+    group.add_argument("--pld-gamma", type=float, default=None,
+                       help=f"decay rate of theta(t) = (1 - theta-bar) exp(-gamma t) + theta-bar per iteration "
+                            f"(default with --pld-theta: {PLD_GAMMA})")
 
 
 class _LayerNumbers(argparse.Action):
@@ -123,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(parser)
     _add_logging_args(parser)
     _add_raptr_args(parser)
+    _add_stacking_args(parser)
+    _add_pld_args(parser)
     data.add_data_args(parser)
     return parser
 
@@ -207,7 +242,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
-    args.raptr = build_schedule(args)
+    args.raptr = build_schedule(args)  # the run's path schedule, whatever the method
 
 
 def _check_writable(flag: str, directory: Optional[str]) -> None:
@@ -222,14 +257,44 @@ def _check_writable(flag: str, directory: Optional[str]) -> None:
         raise ValueError(f"{flag}: {directory} is not writable")
 
 
-def build_schedule(args: argparse.Namespace) -> RaptrSchedule:
-    """The run's schedule; without --raptr-schedule the full model at every step (the baseline)."""
+def build_schedule(args: argparse.Namespace):
+    """The run's schedule, and args.method and args.method_flags (what a checkpoint records).
+
+    Without a method flag, the full model at every step (the baseline).
+    """
+    given = [(method, flag) for method, flag in METHOD_FLAGS if getattr(args, flag) is not None]
+    other = [flag for method, flag in given if method != given[0][0]] if given else []
+    if other:
+        raise ValueError(f"{_flag(given[0][1])} and {_flag(other[0])} choose different methods: give one")
+    args.method = given[0][0] if given else "baseline"
+    args.method_flags = " ".join(f"{_flag(flag)} {getattr(args, flag)}" for _, flag in given)
+    _needs(args, "raptr", ["raptr_fixed_layers", "raptr_sampling", "raptr_scaling"], "--raptr-schedule")
+    _needs(args, "stacking", ["stacking_copy", "stacking_optimizer_state"], "--stacking-schedule")
+    if args.raptr_verify_sync and args.method == "baseline":
+        raise ValueError("--raptr-verify-sync needs a method: --raptr-schedule, --stacking-schedule or --pld-theta")
+    if args.raptr_stage_warmup_iters and args.method not in ("raptr", "stacking"):
+        raise ValueError("--raptr-stage-warmup-iters needs stages: --raptr-schedule or --stacking-schedule")
+    if args.method == "stacking":
+        options = {name: getattr(args, f"stacking_{name}") for name in ("copy", "optimizer_state")
+                   if getattr(args, f"stacking_{name}") is not None}
+        return StackingSchedule.parse(args.stacking_schedule, args.num_layers, args.train_iters, **options)
+    if args.method == "pld":
+        theta = PLD_THETA if args.pld_theta is None else args.pld_theta
+        gamma = PLD_GAMMA if args.pld_gamma is None else args.pld_gamma
+        return PLDSchedule(theta, gamma, args.num_layers)
+    if args.method == "baseline":
+        return RaptrSchedule.full_model(args.num_layers)
     options = {name: getattr(args, f"raptr_{name}") for name in ("fixed_layers", "sampling", "scaling")
                if getattr(args, f"raptr_{name}") is not None}
-    if args.raptr_schedule is None:  # the RaPTr flags would have nothing to act on
-        given = [f"raptr_{name}" for name in options]
-        given += [flag for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters") if getattr(args, flag)]
-        if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} needs --raptr-schedule")
-        return RaptrSchedule.full_model(args.num_layers)
     return RaptrSchedule.parse(args.raptr_schedule, args.num_layers, args.train_iters, **options)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _needs(args: argparse.Namespace, method: str, dests: List[str], method_flag: str) -> None:
+    """A method's own flags would have nothing to act on under another method."""
+    for dest in dests:
+        if getattr(args, dest) is not None and args.method != method:
+            raise ValueError(f"{_flag(dest)} needs {method_flag}")

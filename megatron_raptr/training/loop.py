@@ -1,4 +1,5 @@
-"""The pretraining loop: Megatron-Core's schedules, one RaPTr path per global step."""
+"""The pretraining loop: Megatron-Core's schedules, one path per global step (RaPTr, gradual
+stacking, progressive layer dropping or the full model: megatron_raptr/methods.py)."""
 
 import os
 import sys
@@ -17,7 +18,8 @@ from megatron_raptr.flops import schedule_flops_fraction, step_flops
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter
 from megatron_raptr.layout import pipeline_layout
-from megatron_raptr.sampler import Path, PathSampler
+from megatron_raptr.methods import build_sampler, method_hooks
+from megatron_raptr.sampler import Path
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
@@ -73,10 +75,13 @@ def _mean_loss(losses: Sequence[dict]) -> Optional[float]:
 class Trainer:
     def __init__(self, args, config, model, optimizer, scheduler, hooks: List[StageHook]):
         self.args, self.config, self.model = args, config, model
-        self.optimizer, self.scheduler, self.hooks = optimizer, scheduler, hooks
-        self.schedule = args.raptr
-        self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.schedule = args.raptr  # the run's schedule, whatever the method
+        layout = pipeline_layout(config)
+        self.sampler = build_sampler(self.schedule, args.seed, layout)
+        self.hooks = method_hooks(self.schedule, model, optimizer, layout) + hooks
         self.set_path = PathSetter(model)
+        self.path: Optional[Path] = None  # the path applied last
         self.forward_backward = get_forward_backward_func()
         self.tokens_per_step = args.global_batch_size * args.seq_length
         self.flops = partial(step_flops, config, args.padded_vocab_size, args.seq_length, self.tokens_per_step)
@@ -96,7 +101,19 @@ class Trainer:
         if self.args.raptr_verify_sync and iteration % self.args.raptr_verify_sync == 0:
             verify_path_sync(path, current_device())
         self.set_path(path)
+        self.path = path
         return path
+
+    def evaluated_layers(self) -> List[int]:
+        """Layers evaluation runs: all, unless the path applied last gates evaluation too."""
+        if self.path is not None and self.path.gates_eval:
+            return list(self.path.active)
+        return list(range(1, self.args.num_layers + 1))
+
+    def evaluated_model(self) -> str:
+        """What evaluation runs, for the log."""
+        layers = self.evaluated_layers()
+        return "full model" if len(layers) == self.args.num_layers else f"layers {layers[0]}-{layers[-1]}"
 
     def train_step(self, state: TrainState, data_iterator) -> dict:
         t = state.iteration
@@ -120,7 +137,7 @@ class Trainer:
         state.consumed_samples += self.args.global_batch_size
         state.cumulative_flops += flops
         return dict(
-            iteration=state.iteration, stage=path.stage, path_length=len(path.active),
+            iteration=state.iteration, method=self.args.method, stage=path.stage, path_length=len(path.active),
             active_layers=list(path.active), lm_loss=_mean_loss(losses), lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm), tokens=self.tokens_per_step,
             step_flops=flops, cumulative_flops=state.cumulative_flops,
@@ -153,7 +170,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, valid_dataset) -> Optional[float]:
-        """Validation loss of the full model (eval mode runs every layer, unscaled)."""
+        """Validation loss of the full model (eval mode runs every layer, unscaled), or of the
+        layers that exist so far under gradual stacking (its path gates evaluation too)."""
         for chunk in self.model:
             chunk.eval()
         iterator = data.build_data_iterator(
@@ -191,8 +209,7 @@ class Trainer:
                 stage = new_stage
                 for hook in self.hooks:
                     hook.on_stage_start(self.schedule, stage, state.iteration)
-                log(f"entering stage {stage} at iteration {state.iteration}: "
-                    f"path length {self.schedule.stages[stage].length:g} of {self.schedule.num_layers}")
+                log(f"entering stage {stage} at iteration {state.iteration}: {self.schedule.stage_summary(stage)}")
             record = self.train_step(state, data_iterator)
             state.elapsed_s = record["elapsed_s"] = time.perf_counter() - started
             self.metrics.train(record)
@@ -223,16 +240,17 @@ class Trainer:
             loss = self.evaluate(dataset)
             losses.append(loss)
             if loss is not None:
-                record = dict(iteration=state.iteration, val_loss=loss, val_ppl=perplexity(loss))
+                record = dict(iteration=state.iteration, method=self.args.method, val_loss=loss,
+                              val_ppl=perplexity(loss), evaluated_layers=self.evaluated_layers())
                 self.metrics.eval(record if name is None else dict(record, valid_set=name))
-                log(f" validation (full model){'' if name is None else ' on ' + name} at iteration "
+                log(f" validation ({self.evaluated_model()}){'' if name is None else ' on ' + name} at iteration "
                     f"{state.iteration} | lm loss: {loss:.6E} | lm loss PPL: {perplexity(loss):.6E}")
         return losses[0] if losses else None
 
     def save(self, state: TrainState) -> None:
         checkpointing.save_checkpoint(
             self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
-            dict(asdict(state), raptr_schedule=self.args.raptr_schedule, seed=self.args.seed),
+            dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed),
         )
         log(f" saved checkpoint at iteration {state.iteration} to {self.args.save}")
 
@@ -293,8 +311,9 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
         if saved is not None:
             state = TrainState(**{key: saved[key] for key in asdict(state)})
             log(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
-            if saved.get("raptr_schedule") != args.raptr_schedule:
-                log(f" warning: the checkpoint was trained with --raptr-schedule {saved.get('raptr_schedule')}")
+            if saved.get("method_flags") != args.method_flags:  # e.g. a RaPTr or stacking run finished in full
+                log(f" note: the checkpoint was trained with {saved.get('method_flags') or 'the full model'}, "
+                    f"this run trains with {args.method_flags or 'the full model'}")
     train_dataset, valid_dataset = data.build_datasets(args, tokenizer)
     valid_sets = data.build_validation_sets(args, tokenizer) if args.multiple_validation_sets else {None: valid_dataset}
     if args.skip_train:
@@ -307,7 +326,7 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
     log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
     val_loss = trainer.train(state, train_dataset, valid_sets, exit_signal)
     full = args.train_iters * trainer.flops(args.num_layers)
-    log(f"final validation loss (full model): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
+    log(f"final validation loss ({trainer.evaluated_model()}): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
         f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
     return val_loss
 
