@@ -5,12 +5,15 @@ import os
 from typing import List, Optional
 
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
-from megatron_raptr.training import data
+from megatron_raptr.training import bert, data
+from megatron_raptr.training.family import FAMILIES, model_family
 from megatron_raptr.training.model import padded_vocab_size
 
 
 def _add_model_args(parser):
     group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=FAMILIES, default="gpt",
+                       help="gpt: decoder, next-token loss; bert: encoder, masked-LM loss (Megatron-Core's BertModel)")
     group.add_argument("--num-layers", type=int, required=True)
     group.add_argument("--hidden-size", type=int, required=True)
     group.add_argument("--num-attention-heads", type=int, required=True)
@@ -109,13 +112,14 @@ class _LayerNumbers(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="RaPTr GPT pretraining on Megatron-Core", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="RaPTr GPT and BERT pretraining on Megatron-Core", allow_abbrev=False)
     _add_model_args(parser)
     _add_parallel_args(parser)
     _add_training_args(parser)
     _add_logging_args(parser)
     _add_raptr_args(parser)
     data.add_data_args(parser)
+    bert.add_args(parser)
     return parser
 
 
@@ -125,7 +129,10 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
     args = parser.parse_args(argv)
     try:
         validate_args(args, world_size)
-        args.padded_vocab_size = padded_vocab_size(data.validate_data_args(args), args)
+        data.validate_data_args(args)  # the data against the tokenizer that made it
+        family = model_family(args)
+        family.validate_data(args)
+        args.padded_vocab_size = padded_vocab_size(family.build_tokenizer(args).vocab_size, args)
     except (ValueError, RuntimeError) as error:  # RuntimeError: checkpointing's --load errors
         parser.error(str(error))
     return args
@@ -160,6 +167,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive")
+    bert.validate_args(args)
     if args.overlap_grad_reduce and args.data_parallel_size == 1:
         args.overlap_grad_reduce = False  # nothing to overlap with
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
