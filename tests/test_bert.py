@@ -25,12 +25,14 @@ from megatron_raptr.training.initialize import destroy_distributed, initialize_d
 from megatron_raptr.training.loop import TrainState, build_trainer
 from tests.dense_reference import active_layers_state_dict
 from tests.documents import stdlib_documents
+from tests.distributed import run_distributed
 from tests.test_data import ROOT, load_tool
+from tests.test_pretrain import _pretrain_each, losses, train_records
 
-MODEL = ("--model bert --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
-         "--global-batch-size 4 --train-iters 3 --lr 1e-3 --lr-decay-style constant --hidden-dropout 0 "
-         "--attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 500 --eval-iters 1 "
-         "--seed 5").split()
+BASE = ("--model bert --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
+        "--lr 1e-3 --hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer "
+        "--vocab-size 500 --eval-iters 1 --seed 5").split()
+MODEL = BASE + "--global-batch-size 4 --train-iters 3 --lr-decay-style constant".split()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,6 +95,8 @@ def test_training_step_is_a_dense_bert_of_the_reported_layers_and_validation_the
     assert record["lm_loss"] == pytest.approx(lm_loss, rel=1e-6)
     assert record["sop_loss"] == pytest.approx(sop_loss, rel=1e-6)
     after = weights(trainer)
+    # The sentence-order loss trains its head (no weight decay here: only a gradient moves it).
+    assert not torch.equal(before["binary_head.weight"], after["binary_head.weight"])
     for layer in range(1, 5):
         prefix = f"encoder.layers.{layer - 1}."
         changed = [not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix) and "weight" in n]
@@ -269,6 +273,20 @@ def test_sentencepiece_vocabulary_gets_bert_special_tokens_and_whole_word_maskin
                 assert sample["loss_mask"][before], (index, position)
 
 
+@pytest.mark.parametrize("pieces, pad, expected", [
+    (["<unk>", "<pad>", "a", "[MASK]"], 1, (4, 5, 3, 6, 7)),  # pad id 1 would read as a real token: replaced
+    (["<unk>", "[CLS]", "[SEP]", "a"], -1, (1, 2, 4, 5, 6)),  # no pad piece: appended
+    (["[PAD]", "[CLS]", "[SEP]", "[MASK]"], 0, (1, 2, 3, 0, 4)),  # WordPiece's layout: nothing appended
+])
+def test_bert_special_tokens_are_the_vocabulary_s_or_appended(pieces, pad, expected):
+    class Base:
+        eod, unique_identifiers = 0, {}
+
+    tokenizer = bert.BertTokenizer(Base(), pieces, [True] * len(pieces), pad)
+    assert (tokenizer.cls, tokenizer.sep, tokenizer.mask, tokenizer.pad, tokenizer.vocab_size) == expected
+    assert set(tokenizer.inv_vocab) == set(range(len(pieces))) - set(expected[:4])
+
+
 def test_data_without_sentences_is_refused_for_the_sentence_order_head(corpus, capsys):
     with pytest.raises(SystemExit):
         corpus_args(corpus, corpus["documents"])
@@ -281,3 +299,31 @@ def test_split_sentences():
     split = load_tool("preprocess_data").split_sentences
     assert split("One two. Three (four)! \"Five?\" 6 is a digit.\nA line. e.g. this") == [
         "One two.", "Three (four)!", "\"Five?\"", "6 is a digit.", "A line. e.g. this"]
+
+
+def test_bert_resume_repeats_the_run_under_every_layout(tmp_path):
+    """As GPT's: train 4 of 8 iterations under TP=1/PP=1, save, continue there and under TP=2, PP=2 and
+    DP=2 (overlapped gradient reduction) with the same paths and losses (2 gloo processes)."""
+    common = BASE + ["--global-batch-size", "8", "--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval",
+                     "4", "--raptr-schedule", "2@0,3@0.5", "--raptr-sampling", "fixed-size"]
+    ckpt = str(tmp_path / "ckpt")
+
+    def argv(name, *extra):
+        return common + ["--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra]
+
+    run_distributed(_pretrain_each, 1, [argv("uninterrupted"), argv("first-half", "--save", ckpt, "--exit-interval", "4"),
+                                        argv("resumed", "--load", ckpt)])
+    run_distributed(_pretrain_each, 2, [
+        argv("tp2", "--load", ckpt, "--tensor-model-parallel-size", "2", "--recompute-granularity", "selective"),
+        argv("pp2", "--load", ckpt, "--pipeline-model-parallel-size", "2", "--recompute-granularity", "full",
+             "--raptr-verify-sync", "1"),
+        argv("dp2", "--load", ckpt, "--overlap-grad-reduce", "--raptr-verify-sync", "1"),
+    ])
+    reference = train_records(tmp_path, "uninterrupted")
+    assert losses(train_records(tmp_path, "first-half")) == losses(reference[:4])
+    for run in ("resumed", "tp2", "pp2", "dp2"):
+        continued = train_records(tmp_path, run)
+        assert [r["iteration"] for r in continued] == [5, 6, 7, 8], run
+        assert [r["active_layers"] for r in continued] == [r["active_layers"] for r in reference[4:]], run
+        assert losses(continued) == pytest.approx(losses(reference[4:]), rel=0 if run == "resumed" else 2e-5), run
+        assert [r["sop_loss"] for r in continued] == pytest.approx([r["sop_loss"] for r in reference[4:]], rel=2e-5)
