@@ -51,13 +51,6 @@ def raptr_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(spec, module=RaptrTransformerLayer)
 
 
-def _sequence_parallel_norms(spec: ModuleSpec) -> ModuleSpec:
-    """Where a local spec falls back to torch norms (no Apex), norms that support sequence parallelism."""
-    norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
-             if getattr(spec.submodules, name) is WrappedTorchNorm}
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
-
-
 def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, normalization: str = "LayerNorm",
                              **kwargs) -> ModuleSpec:
     """Megatron's GPT layer spec (Transformer Engine when installed, else local) gated by RaPTr.
@@ -70,17 +63,20 @@ def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, normalization:
     if use_transformer_engine:
         return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs))
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, **kwargs)
-    return raptr_layer_spec(_sequence_parallel_norms(spec))
+    norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
+             if getattr(spec.submodules, name) is WrappedTorchNorm}
+    return raptr_layer_spec(dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms)))
 
 
 def get_bert_raptr_layer_spec(use_transformer_engine: bool = None) -> ModuleSpec:
     """Megatron's BERT layer spec (bidirectional, padding mask; Transformer Engine when installed,
-    else local) gated by RaPTr, with the GPT spec's sequence-parallel torch norms."""
+    else local) gated by RaPTr. (Its torch-norm fallback needs no sequence-parallel variant: without
+    Apex, Megatron's BERT head refuses sequence parallelism anyway.)"""
     if use_transformer_engine is None:
         use_transformer_engine = bert_layer_specs.HAVE_TE
     if use_transformer_engine:
         return raptr_layer_spec(bert_layer_specs.get_bert_layer_with_transformer_engine_spec())
-    return raptr_layer_spec(_sequence_parallel_norms(bert_layer_specs.bert_layer_local_spec))
+    return raptr_layer_spec(bert_layer_specs.bert_layer_local_spec)
 
 
 def get_gpt_raptr_block_spec(config: TransformerConfig, use_transformer_engine: bool = None,

@@ -176,7 +176,7 @@ def test_command_line_trains_bert_paths_and_evaluates_the_full_model(tmp_path):
     (["--model", "bert", "--seq-length", "4"], 1, "--seq-length 4 is too short for BERT"),
     (["--model", "bert", "--seed", "0"], 1, "--seed must be positive with --model bert"),
     (["--model", "bert", "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
-     "--sequence-parallel with --model bert needs Apex or Transformer Engine"),
+     "--sequence-parallel with --model bert needs Apex"),
 ])
 def test_bad_bert_arguments_name_the_flag(extra, world_size, message, capsys):
     if "--sequence-parallel" in extra and bert.bert_lm_head.LNImpl is not bert.WrappedTorchNorm:

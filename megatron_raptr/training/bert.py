@@ -20,7 +20,7 @@ from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDataset, BERT
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.models.bert import bert_lm_head
 from megatron.core.models.bert.bert_model import BertModel
-from megatron.core.transformer import TransformerConfig, transformer_block
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_raptr.flops import bert_head_forward_flops_per_token
@@ -61,19 +61,19 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--mask-prob must be between 0 and 1, got {args.mask_prob}")
     if not 0 <= args.short_seq_prob <= 1:
         raise ValueError(f"--short-seq-prob must be between 0 and 1, got {args.short_seq_prob}")
-    for flag, given in (("--reset-position-ids", args.reset_position_ids),
+    for flag, used in (("--reset-position-ids", args.reset_position_ids),
                         ("--reset-attention-mask", args.reset_attention_mask),
                         ("--eod-mask-loss", args.eod_mask_loss),
                         ("--no-create-attention-mask-in-dataloader", not args.create_attention_mask_in_dataloader)):
-        if given:
+        if used:
             raise ValueError(f"{flag} is a GPT data flag; BERT samples are sentence runs with a padding mask")
     if args.seq_length < 5:
         raise ValueError(f"--seq-length {args.seq_length} is too short for BERT: [CLS], two [SEP] and two tokens")
     if args.seed < 1:  # megatron-core's sample mapping requires it
         raise ValueError(f"--seed must be positive with --model bert, got {args.seed}")
-    if args.sequence_parallel and WrappedTorchNorm in (bert_lm_head.LNImpl, transformer_block.LayerNormImpl):
-        raise ValueError("--sequence-parallel with --model bert needs Apex or Transformer Engine: Megatron-Core's "
-                         "BERT head and final norm fall back to torch norms, which refuse sequence parallelism")
+    if args.sequence_parallel and bert_lm_head.LNImpl is WrappedTorchNorm:
+        raise ValueError("--sequence-parallel with --model bert needs Apex: without it Megatron-Core's BERT head "
+                         "falls back to a torch norm, which refuses sequence parallelism")
 
 
 def validate_data(args: argparse.Namespace) -> None:
