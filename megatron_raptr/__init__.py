@@ -16,6 +16,7 @@ from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.layer import (
     PathSetter,
     RaptrTransformerLayer,
+    get_bert_raptr_layer_spec,
     get_gpt_raptr_block_spec,
     get_gpt_raptr_layer_spec,
     raptr_layer_spec,
@@ -33,6 +34,7 @@ __all__ = [
     "RaptrSchedule",
     "RaptrTransformerLayer",
     "Stage",
+    "get_bert_raptr_layer_spec",
     "get_gpt_raptr_block_spec",
     "get_gpt_raptr_layer_spec",
     "pipeline_layout",

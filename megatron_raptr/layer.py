@@ -1,6 +1,6 @@
 """Megatron-Core integration: a transformer layer that is the identity off the path.
 
-Use ``get_gpt_raptr_layer_spec()`` (or ``raptr_layer_spec(spec)`` on any
+Use ``get_gpt_raptr_layer_spec()``, ``get_bert_raptr_layer_spec()`` (or ``raptr_layer_spec(spec)`` on any
 TransformerLayer spec) when building the model, then apply each iteration's path
 with a ``PathSetter``. An off-path layer returns its input: no forward, no
 backward, no saved activations. In eval mode every layer runs, unscaled, unless
@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Union
 
 import torch
 from megatron.core.distributed import DistributedDataParallel
+from megatron.core.models.bert import bert_layer_specs
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -67,6 +68,17 @@ def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, normalization:
     norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
              if getattr(spec.submodules, name) is WrappedTorchNorm}
     return raptr_layer_spec(dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms)))
+
+
+def get_bert_raptr_layer_spec(use_transformer_engine: bool = None) -> ModuleSpec:
+    """Megatron's BERT layer spec (bidirectional, padding mask; Transformer Engine when installed,
+    else local) gated by RaPTr. (Its torch-norm fallback needs no sequence-parallel variant: without
+    Apex, Megatron's BERT head refuses sequence parallelism anyway.)"""
+    if use_transformer_engine is None:
+        use_transformer_engine = bert_layer_specs.HAVE_TE
+    if use_transformer_engine:
+        return raptr_layer_spec(bert_layer_specs.get_bert_layer_with_transformer_engine_spec())
+    return raptr_layer_spec(bert_layer_specs.bert_layer_local_spec)
 
 
 def get_gpt_raptr_block_spec(config: TransformerConfig, use_transformer_engine: bool = None,

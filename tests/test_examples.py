@@ -27,7 +27,8 @@ SCRIPTS = sorted((ROOT / "examples").glob("*.sh"))
 def test_examples_exist():
     names = {script.name for script in SCRIPTS}
     assert {"quickstart_cpu.sh", "gpt_8gpu.sh", "baseline_gpt_8gpu.sh",
-            "gpt_slurm_multinode.sh", "baseline_gpt_slurm_multinode.sh"} <= names  # fmt: skip
+            "gpt_slurm_multinode.sh", "baseline_gpt_slurm_multinode.sh",
+            "bert_8gpu.sh", "baseline_bert_8gpu.sh"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
@@ -100,6 +101,21 @@ def test_stacking_and_pld_beside_gpt_8gpu(tmp_path):
     _, pld = launch(tmp_path, "pld_gpt_8gpu.sh", PLD_GAMMA="0.002")
     assert (pld.pld_theta, pld.pld_gamma, pld.raptr_schedule) == (0.5, 0.002, None)
     assert pld.num_layers == stacking.num_layers == 24 and pld.metrics_file == "runs/gpt_8gpu_pld/metrics.jsonl"
+
+
+def test_bert_8gpu_is_the_paper_s_bert_base_beside_its_baseline(tmp_path):
+    launcher, args = launch(tmp_path, "bert_8gpu.sh", SEQ_LENGTH="512")
+    assert launcher[launcher.index("--nproc-per-node") + 1] == "8"
+    assert args.model == "bert" and args.raptr_schedule == "6@0,8@0.25,10@0.5,12@0.75"
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length) == (12, 768, 12, 512)
+    assert args.raptr_fixed_layers is None  # the default: the first and the last layer
+
+    _, baseline = launch(tmp_path, "baseline_bert_8gpu.sh")
+    assert baseline.raptr_schedule is None and baseline.save == "runs/bert_8gpu_baseline/ckpt"
+    for key, value in vars(args).items():
+        if key not in ("raptr_schedule", "raptr_verify_sync", "seq_length", "save", "load", "metrics_file",
+                       "data_cache_path"):
+            assert getattr(baseline, key) == value, key
 
 
 def test_slurm_multinode_and_its_baseline(tmp_path):

@@ -3,9 +3,10 @@
 
 Each input line is one JSON document; for every --json-keys KEY this writes
 {output_prefix}_{KEY}_document.bin/.idx with one sequence per document (followed by the
-tokenizer's EOD id with --append-eod). Documents whose text is empty are skipped. The files are
-written under temporary names and renamed only when complete, the .idx last, so a present .idx
-marks a finished pair.
+tokenizer's EOD id with --append-eod), or with --split-sentences one sequence per sentence, the
+document's sentences grouped as one document (BERT's data: its samples are runs of sentences).
+Documents whose text is empty are skipped. The files are written under temporary names and
+renamed only when complete, the .idx last, so a present .idx marks a finished pair.
 
     python tools/preprocess_data.py --input data/corpus/train.jsonl \
         --output-prefix data/tokenized/train --tokenizer-type SentencePieceTokenizer \
@@ -16,6 +17,7 @@ import argparse
 import functools
 import multiprocessing
 import os
+import re
 import sys
 import time
 
@@ -37,14 +39,28 @@ from megatron_raptr.training.tokenizer import (  # noqa: E402
 
 _worker_tokenizer = None  # each worker process's own, built by _init_worker
 
+# A sentence ends at . ! or ? (and a closing quote or bracket) before whitespace and a capital,
+# digit or opening quote; lines end sentences too. Rule-based, where Megatron-LM uses NLTK's
+# punkt, whose model is a separate download.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_sentences(text):
+    """The non-empty sentences of `text`, whitespace around them removed."""
+    return [sentence for line in text.splitlines()
+            for sentence in (part.strip() for part in _SENTENCE_END.split(line)) if sentence]
+
 
 def _init_worker(args) -> None:
     global _worker_tokenizer
     _worker_tokenizer = build_tokenizer(args)
 
 
-def _encode(numbered_line, path, keys, append_eod):
-    """(line number, JSON line) -> ({key: token ids} or None for a blank line, its bytes)."""
+def _encode(numbered_line, path, keys, append_eod, sentences):
+    """(line number, JSON line) -> ({key: token ids of each sentence} or None for a blank line, its bytes).
+
+    Without `sentences` a document is one sentence.
+    """
     number, line = numbered_line
     size = len(line.encode("utf-8"))
     fields = json_fields(line, keys, f"{path}:{number}")
@@ -52,9 +68,11 @@ def _encode(numbered_line, path, keys, append_eod):
         return None, size
     ids = {}
     for key, text in zip(keys, fields):
-        ids[key] = _worker_tokenizer.tokenize(text)
-        if append_eod and ids[key]:
-            ids[key].append(_worker_tokenizer.eod)
+        parts = split_sentences(text) if sentences else [text]
+        # An empty field stays one empty sequence, so every key's dataset keeps every document.
+        ids[key] = [sentence for sentence in map(_worker_tokenizer.tokenize, parts) if sentence] or [[]]
+        if append_eod and ids[key][-1]:
+            ids[key][-1].append(_worker_tokenizer.eod)
     return ids, size
 
 
@@ -64,6 +82,11 @@ def get_args(argv=None):
     group.add_argument("--input", nargs="+", required=True, help="JSON-lines file(s), in order.")
     group.add_argument(
         "--json-keys", nargs="+", default=["text"], help="Fields to tokenize (default: text)."
+    )
+    group.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="One sequence per sentence, grouped by document (BERT's data).",
     )
     add_tokenizer_args(parser)
     group = parser.add_argument_group("output")
@@ -104,16 +127,18 @@ def main(argv=None) -> None:
         with multiprocessing.Pool(args.workers, _init_worker, (args,)) as pool:
             for path in args.input:
                 encode = functools.partial(
-                    _encode, path=path, keys=args.json_keys, append_eod=args.append_eod
+                    _encode, path=path, keys=args.json_keys, append_eod=args.append_eod,
+                    sentences=args.split_sentences,
                 )
                 with open(path, encoding="utf-8") as lines:
                     for ids, size in pool.imap(encode, enumerate(lines, 1), chunksize=64):
                         nbytes += size
-                        if ids is None or not any(ids.values()):
+                        if ids is None or not any(map(any, ids.values())):
                             continue
-                        for key, key_ids in ids.items():
-                            builders[key].add_document(key_ids, [len(key_ids)])
-                            tokens[key] += len(key_ids)
+                        for key, sentences in ids.items():
+                            lengths = [len(sentence) for sentence in sentences]
+                            builders[key].add_document(sum(sentences, []), lengths)
+                            tokens[key] += sum(lengths)
                         documents += 1
                         if documents % args.log_interval == 0:
                             elapsed = time.time() - start

@@ -8,7 +8,8 @@ from typing import List, Optional
 from megatron_raptr.pld import PLDSchedule
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
 from megatron_raptr.stacking import COPY_MODES, OPTIMIZER_STATES, StackingSchedule
-from megatron_raptr.training import data
+from megatron_raptr.training import bert, data
+from megatron_raptr.training.family import FAMILIES, model_family
 from megatron_raptr.training.model import padded_vocab_size
 
 # DeepSpeed's progressive layer drop defaults (Zhang and He's setting).
@@ -20,6 +21,8 @@ METHOD_FLAGS = (("raptr", "raptr_schedule"), ("stacking", "stacking_schedule"), 
 
 def _add_model_args(parser):
     group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=FAMILIES, default="gpt",
+                       help="gpt: decoder, next-token loss; bert: encoder, masked-LM loss (Megatron-Core's BertModel)")
     group.add_argument("--num-layers", type=int, required=True)
     group.add_argument("--hidden-size", type=int, required=True)
     group.add_argument("--num-attention-heads", type=int, required=True)
@@ -150,7 +153,7 @@ class _LayerNumbers(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="RaPTr GPT pretraining on Megatron-Core", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="RaPTr GPT and BERT pretraining on Megatron-Core", allow_abbrev=False)
     _add_model_args(parser)
     _add_parallel_args(parser)
     _add_training_args(parser)
@@ -159,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stacking_args(parser)
     _add_pld_args(parser)
     data.add_data_args(parser)
+    bert.add_args(parser)
     return parser
 
 
@@ -168,7 +172,10 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
     args = parser.parse_args(argv)
     try:
         validate_args(args, world_size)
-        args.padded_vocab_size = padded_vocab_size(data.validate_data_args(args), args)
+        data.validate_data_args(args)  # the data against the tokenizer that made it
+        family = model_family(args)
+        family.validate_data(args)
+        args.padded_vocab_size = padded_vocab_size(family.build_tokenizer(args).vocab_size, args)
     except (ValueError, RuntimeError) as error:  # RuntimeError: checkpointing's --load errors
         parser.error(str(error))
     return args
@@ -203,6 +210,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive")
+    bert.validate_args(args)
     if args.overlap_grad_reduce and args.data_parallel_size == 1:
         args.overlap_grad_reduce = False  # nothing to overlap with
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size

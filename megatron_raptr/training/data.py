@@ -1,4 +1,4 @@
-"""GPT training data: Megatron-LM data flags, early checks, megatron-core datasets, batches.
+"""Training data: Megatron-LM data flags, early checks, megatron-core datasets, batches.
 
 Flow: `add_data_args(parser)` -> `validate_data_args(args)` (before any work, on every rank)
 -> `build_datasets(args, tokenizer)` (megatron-core BlendedMegatronDatasetBuilder + GPTDataset;
@@ -9,10 +9,11 @@ The trainer's own arguments define --seq-length, --seed, --micro-batch-size, --g
 --train-iters, --eval-iters and --eval-interval.
 """
 
+import argparse
 import contextlib
 import os
 import struct
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -142,17 +143,20 @@ def _check_split(split: str) -> None:
         )
 
 
-def _check_split_parts(split: str, prefix: str, lengths: np.ndarray) -> None:
-    # megatron-core cuts each dataset by sequence index like this, and loops forever building
-    # an epoch of a part that holds no tokens.
+def check_split_parts(split: str, prefix: str, usable: np.ndarray, what: str = "tokens") -> None:
+    """Raise ValueError unless each used part of `usable` has a nonzero entry.
+
+    `usable` has an entry per element megatron-core cuts a dataset by (GPT: sequences, BERT:
+    documents); it loops forever building an epoch of a part with nothing to sample.
+    """
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for name, bounds in zip(("train", "valid"), matrix):
         if bounds is not None:
-            begin, end = (int(round(bound * len(lengths))) for bound in bounds)
-            if not lengths[begin:end].any():
+            begin, end = (int(round(bound * len(usable))) for bound in bounds)
+            if not usable[begin:end].any():
                 raise ValueError(
                     f"--split {split}: the {name} part of {prefix} (documents {begin} to {end} "
-                    f"of {len(lengths)}) holds no tokens; use more data or another --split"
+                    f"of {len(usable)}) holds no {what}; use more data or another --split"
                 )
 
 
@@ -273,7 +277,7 @@ def validate_data_args(args) -> int:
         for prefix in prefixes:
             lengths = check_indexed_dataset(prefix, flag, vocab_size, tokenizer_flag)
             if flag == "--data-path":
-                _check_split_parts(args.split, prefix, lengths)
+                check_split_parts(args.split, prefix, lengths)
     return vocab_size
 
 
@@ -292,6 +296,18 @@ def build_datasets(args, tokenizer):
     labels, loss_mask, position_ids and (unless --no-create-attention-mask-in-dataloader)
     attention_mask. Works without torch.distributed; with it, call on every rank.
     """
+    config = GPTDatasetConfig(
+        **blend_config(args, tokenizer),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+    return build_split_datasets(MockGPTDataset if config.mock else GPTDataset, config, args)
+
+
+def blend_config(args, tokenizer) -> dict:
+    """The dataset-config fields every model's datasets take from the data flags."""
     if args.data_path:
         blend, blend_per_split, split = parse_blend(args.data_path, "--data-path"), None, args.split
     elif args.train_data_path:
@@ -303,30 +319,7 @@ def build_datasets(args, tokenizer):
         ]
     else:  # --mock-data: megatron-core switches to mock data when no blend is given
         blend, blend_per_split, split = None, None, None
-    config = _dataset_config(args, tokenizer, blend, blend_per_split, split)
-    dataset_cls = MockGPTDataset if config.mock else GPTDataset
-    with _process_group():
-        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-            dataset_cls, dataset_sizes(args), lambda: True, config
-        ).build()
-    return train_ds, valid_ds
-
-
-def build_validation_sets(args, tokenizer) -> Dict[str, object]:
-    """--multiple-validation-sets: each --valid-data-path prefix as a validation set of its own,
-    named by its file name (e.g. valid_wiki_text_document)."""
-    sets = {}
-    for prefix in args.valid_data_path:
-        config = _dataset_config(args, tokenizer, None, [None, ([prefix], None), None], None)
-        with _process_group():
-            _, sets[os.path.basename(prefix)], _ = BlendedMegatronDatasetBuilder(
-                GPTDataset, dataset_sizes(args), lambda: True, config
-            ).build()
-    return sets
-
-
-def _dataset_config(args, tokenizer, blend, blend_per_split, split) -> GPTDatasetConfig:
-    config = GPTDatasetConfig(
+    return dict(
         random_seed=args.seed,
         sequence_length=args.seq_length,
         blend=blend,
@@ -334,16 +327,29 @@ def _dataset_config(args, tokenizer, blend, blend_per_split, split) -> GPTDatase
         split=split,
         path_to_cache=args.data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
     )
+
+
+def build_validation_sets(args, tokenizer, build_datasets: Callable) -> Dict[str, object]:
+    """--multiple-validation-sets: each --valid-data-path prefix as a validation set of its own,
+    named by its file name (e.g. valid_wiki_text_document). `build_datasets` is the model
+    family's (args, tokenizer) -> (train, valid)."""
+    return {os.path.basename(prefix): build_datasets(argparse.Namespace(**{**vars(args), "valid_data_path": [prefix]}),
+                                                     tokenizer)[1]
+            for prefix in args.valid_data_path}
+
+
+def build_split_datasets(dataset_cls, config, args):
+    """(train, valid) datasets of `dataset_cls`, sized for the run by megatron-core's builder."""
     # Nothing evaluates the test split: do not build it (megatron-core would also loop forever
     # on an empty one).
     if config.split_matrix is not None:
         config.split_matrix[2] = None
-    return config
+    with _process_group():
+        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+            dataset_cls, dataset_sizes(args), lambda: True, config
+        ).build()
+    return train_ds, valid_ds
 
 
 @contextlib.contextmanager

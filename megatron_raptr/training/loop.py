@@ -7,7 +7,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,11 @@ from megatron_raptr.sampler import Path
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
+from megatron_raptr.training.family import model_family
 from megatron_raptr.training.initialize import current_device, initialize_distributed, megatron_fallbacks
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
 from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
 from megatron_raptr.training.signals import ExitSignalHandler
-from megatron_raptr.training.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -50,26 +50,15 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    batch = {key: value.to(current_device()) for key, value in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(_masked_mean_loss, batch["loss_mask"])
-
-
-def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
-    # A copy: Megatron's schedules divide the returned loss by the microbatch count in place.
-    return loss, {"lm loss": loss.detach().clone()}
-
-
-def _mean_loss(losses: Sequence[dict]) -> Optional[float]:
-    """Microbatch losses averaged over data-parallel ranks; None off the last pipeline stage."""
+def _mean_losses(losses: Sequence[dict]) -> Optional[Dict[str, float]]:
+    """Each reported loss ("lm loss", BERT's "sop loss") averaged over microbatches and data-parallel
+    ranks; None off the last pipeline stage."""
     if not parallel_state.is_pipeline_last_stage():
         return None
-    loss = torch.stack([item["lm loss"] for item in losses]).mean()
-    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return loss.item() / parallel_state.get_data_parallel_world_size()
+    names = list(losses[0])
+    means = torch.stack([torch.stack([item[name] for item in losses]).mean() for name in names])
+    dist.all_reduce(means, group=parallel_state.get_data_parallel_group())
+    return dict(zip(names, (means / parallel_state.get_data_parallel_world_size()).tolist()))
 
 
 class Trainer:
@@ -80,17 +69,20 @@ class Trainer:
         layout = pipeline_layout(config)
         self.sampler = build_sampler(self.schedule, args.seed, layout)
         self.hooks = method_hooks(self.schedule, model, optimizer, layout) + hooks
+        self.family = model_family(args)
         self.set_path = PathSetter(model)
         self.path: Optional[Path] = None  # the path applied last
         self.forward_backward = get_forward_backward_func()
         self.tokens_per_step = args.global_batch_size * args.seq_length
-        self.flops = partial(step_flops, config, args.padded_vocab_size, args.seq_length, self.tokens_per_step)
+        self.head_flops_per_token = self.family.head_flops_per_token(args, config)
+        self.flops = partial(step_flops, config, args.padded_vocab_size, args.seq_length, self.tokens_per_step,
+                             head_flops_per_token=self.head_flops_per_token)
         self.metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir,
                                      enabled=dist.get_rank() == dist.get_world_size() - 1)
 
     def schedule_kwargs(self, data_iterator, forward_only: bool) -> dict:
         return dict(
-            forward_step_func=forward_step, data_iterator=data_iterator, model=self.model,
+            forward_step_func=self.family.forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
             micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
         )
@@ -136,12 +128,16 @@ class Trainer:
         state.iteration += 1
         state.consumed_samples += self.args.global_batch_size
         state.cumulative_flops += flops
-        return dict(
+        means = _mean_losses(losses) or {}
+        record = dict(
             iteration=state.iteration, method=self.args.method, stage=path.stage, path_length=len(path.active),
-            active_layers=list(path.active), lm_loss=_mean_loss(losses), lr=lr,
+            active_layers=list(path.active), lm_loss=means.get("lm loss"), lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm), tokens=self.tokens_per_step,
             step_flops=flops, cumulative_flops=state.cumulative_flops,
         )
+        if "sop loss" in means:
+            record["sop_loss"] = means["sop loss"]
+        return record
 
     def _check_finite(self, losses: Sequence[dict], path: Path) -> None:
         """Stops every rank, before the optimizer step, when any rank's loss or gradient is NaN or Inf.
@@ -183,7 +179,8 @@ class Trainer:
             losses.extend(self.forward_backward(**self.schedule_kwargs(iterator, forward_only=True)))
         for chunk in self.model:
             chunk.train()
-        return _mean_loss(losses)
+        means = _mean_losses(losses)
+        return None if means is None else means["lm loss"]
 
     def train(self, state: TrainState, train_dataset, valid_sets: dict,
               exit_signal: Optional[ExitSignalHandler] = None) -> Optional[float]:
@@ -282,7 +279,7 @@ def build_trainer(args, hooks: Sequence[StageHook] = ()) -> Tuple[Trainer, objec
 
     For tools and tests that drive the training step themselves (after initialize_distributed).
     """
-    tokenizer = build_tokenizer(args)
+    tokenizer = model_family(args).build_tokenizer(args)
     config = transformer_config(args)
     model = build_model(args, config)
     optimizer, scheduler = build_optimizer(args, config, model)
@@ -314,15 +311,16 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
             if saved.get("method_flags") != args.method_flags:  # e.g. a RaPTr or stacking run finished in full
                 log(f" note: the checkpoint was trained with {saved.get('method_flags') or 'the full model'}, "
                     f"this run trains with {args.method_flags or 'the full model'}")
-    train_dataset, valid_dataset = data.build_datasets(args, tokenizer)
-    valid_sets = data.build_validation_sets(args, tokenizer) if args.multiple_validation_sets else {None: valid_dataset}
+    train_dataset, valid_dataset = trainer.family.build_datasets(args, tokenizer)
+    valid_sets = ({None: valid_dataset} if not args.multiple_validation_sets else
+                  data.build_validation_sets(args, tokenizer, trainer.family.build_datasets))
     if args.skip_train:
         val_loss = trainer.evaluate_and_report(state, valid_sets)
         trainer.metrics.close()
         return val_loss
     log(args.raptr.describe(args.train_iters))
     fraction = schedule_flops_fraction(args.raptr, args.train_iters, trainer.config, args.padded_vocab_size,
-                                       args.seq_length)
+                                       args.seq_length, trainer.head_flops_per_token)
     log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
     val_loss = trainer.train(state, train_dataset, valid_sets, exit_signal)
     full = args.train_iters * trainer.flops(args.num_layers)

@@ -1,20 +1,18 @@
-"""Builds the GPT model, Megatron DDP, optimizer and LR schedule from parsed arguments."""
+"""Builds the model (GPT or BERT), Megatron DDP, optimizer and LR schedule from parsed arguments."""
 
 import argparse
 from typing import List, Tuple
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
-from megatron_raptr.layer import get_gpt_raptr_block_spec
 from megatron_raptr.training import checkpointing
+from megatron_raptr.training.family import model_family
 from megatron_raptr.training.initialize import current_device
 
 
@@ -72,21 +70,12 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     )
 
 
-def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[GPTModel]:
-    """This rank's GPT model chunk with RaPTr-gated layers, wrapped in Megatron DDP.
+def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[torch.nn.Module]:
+    """This rank's model chunk (--model) with RaPTr-gated layers, wrapped in Megatron DDP.
 
     The baseline uses the same model: its path is simply every layer at every step.
     """
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_raptr_block_spec(config),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-    )
+    model = model_family(args).build_model(args, config)
     model.to(current_device())
     if args.bf16 or args.fp16:
         model = Float16Module(config, model)  # casts inputs to half, the last stage's output to fp32

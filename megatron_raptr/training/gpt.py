@@ -1,0 +1,41 @@
+"""GPT (decoder) pretraining: Megatron-Core's GPTModel with RaPTr layers and its next-token loss."""
+
+import argparse
+from functools import partial
+from typing import Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_raptr.layer import get_gpt_raptr_block_spec
+from megatron_raptr.training.initialize import current_device
+
+
+def build_model(args: argparse.Namespace, config: TransformerConfig) -> GPTModel:
+    """This pipeline stage's GPT with RaPTr-gated layers (unwrapped)."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_raptr_block_spec(config),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+    )
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    batch = {key: value.to(current_device()) for key, value in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(masked_mean_loss, batch["loss_mask"])
+
+
+def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean of the per-token loss where loss_mask is set, reported as Megatron-LM's "lm loss"."""
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
+    # A copy: Megatron's schedules divide the returned loss by the microbatch count in place.
+    return loss, {"lm loss": loss.detach().clone()}
