@@ -11,7 +11,7 @@ import pytest
 from tests.documents import stdlib_documents
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["baseline", "raptr", "baseline-equal-flops"]
+METHODS = ["baseline", "raptr", "baseline-equal-flops", "stacking", "pld"]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,14 @@ def test_study_writes_results_tables_and_plots(study):
                             "time_to_baseline_loss", "flags", "model", "val_loss_by_source"}
         assert set(run["val_loss_by_source"]) == {"valid_text_document", "valid_even_text_document",
                                                   "valid_odd_text_document"}
-    baseline, raptr, equal = runs
+    baseline, raptr, equal, stacking, pld = runs
     assert baseline["flops_to_baseline_loss"] == baseline["total_flops"]  # reached at its own end
     # The equal-FLOPs baseline trains the full model for the steps RaPTr's FLOPs buy.
     assert raptr["total_flops"] < baseline["total_flops"]
     assert equal["iterations"] == int(raptr["total_flops"] / (baseline["total_flops"] / 12)) < 12
     assert equal["total_flops"] <= raptr["total_flops"]
+    assert stacking["total_flops"] < baseline["total_flops"] and pld["total_flops"] < baseline["total_flops"]
+    assert stacking["flags"][0] == "--stacking-schedule" and pld["flags"][0] == "--pld-theta"
     table = (out / "results.md").read_text()
     assert all(f"| {method} | 1 |" in table for method in METHODS)
     for name in ("loss_vs_flops.png", "loss_vs_time.png", "stage_boundaries.png"):

@@ -57,8 +57,8 @@ PRESETS = {
     "smoke": Preset(layers=6, hidden=64, heads=2, seq=64, micro_batch=4, global_batch=8, iters=40, seeds=(1,),
                     nproc=1, vocab=1000, eval_interval=10, eval_iters=4, lr=2e-3),
     # The README's figures: about an hour on a 2-core machine.
-    "cpu": Preset(layers=12, hidden=128, heads=2, seq=128, micro_batch=8, global_batch=16, iters=240,
-                  seeds=(1, 2, 3), nproc=1, vocab=8000, eval_interval=40, eval_iters=8, lr=1e-3),
+    "cpu": Preset(layers=12, hidden=128, heads=2, seq=128, micro_batch=8, global_batch=16, iters=160,
+                  seeds=(1, 2, 3), nproc=1, vocab=8000, eval_interval=20, eval_iters=8, lr=1e-3),
     # One 8-GPU node: GPT-2 small (124M) on ~1B tokens.
     "gpu-node": Preset(layers=12, hidden=768, heads=12, seq=1024, micro_batch=16, global_batch=256, iters=4000,
                        seeds=(1, 2, 3), nproc=8, vocab=32000, eval_interval=250, eval_iters=20, lr=6e-4,
