@@ -45,9 +45,10 @@ class Preset:
     eval_iters: int
     lr: float
     bf16: bool = False
+    family: str = "gpt"  # --model
 
     def model(self) -> dict:
-        return {"num_layers": self.layers, "hidden_size": self.hidden, "num_attention_heads": self.heads,
+        return {"model": self.family, "num_layers": self.layers, "hidden_size": self.hidden, "num_attention_heads": self.heads,
                 "seq_length": self.seq, "global_batch_size": self.global_batch, "train_iters": self.iters,
                 "vocab_size": self.vocab}
 
@@ -63,6 +64,15 @@ PRESETS = {
     "gpu-node": Preset(layers=12, hidden=768, heads=12, seq=1024, micro_batch=16, global_batch=256, iters=4000,
                        seeds=(1, 2, 3), nproc=8, vocab=32000, eval_interval=250, eval_iters=20, lr=6e-4,
                        bf16=True),
+    # BERT (masked-LM) on the same corpus, split into sentences; RaPTr's shape is then the
+    # paper's BERT schedule (6-8-10-12 for 12 layers).
+    "bert-cpu": Preset(layers=12, hidden=128, heads=2, seq=128, micro_batch=8, global_batch=16, iters=160,
+                       seeds=(1, 2, 3), nproc=1, vocab=8000, eval_interval=20, eval_iters=8, lr=1e-3,
+                       family="bert"),
+    # The paper's BERT-base on one 8-GPU node.
+    "bert-gpu-node": Preset(layers=12, hidden=768, heads=12, seq=128, micro_batch=32, global_batch=256,
+                            iters=20000, seeds=(1, 2, 3), nproc=8, vocab=32000, eval_interval=1000,
+                            eval_iters=20, lr=1e-4, bf16=True, family="bert"),
 }
 
 
@@ -96,7 +106,7 @@ def common_flags(preset: Preset, iters: int) -> List[str]:
         "--eval-interval", preset.eval_interval, "--eval-iters", preset.eval_iters,
         "--log-interval", preset.eval_interval,
     ]
-    return [str(f) for f in flags] + (["--bf16"] if preset.bf16 else [])
+    return [str(f) for f in flags] + (["--bf16"] if preset.bf16 else []) + ["--model", preset.family]
 
 
 def launch(preset: Preset, argv: List[str], log: Path) -> None:
@@ -128,11 +138,13 @@ def prepare_data(preset: Preset, corpus_dir: Path, data_dir: Path) -> Dict[str, 
         if not inputs[f"valid_{source}"].exists():
             inputs[f"valid_{source}"].write_text("".join(lines))
     data = {"tokenizer": f"{tokenizer}.model"}
+    # GPT reads documents ended by EOD; BERT reads runs of sentences.
+    document = "--split-sentences" if preset.family == "bert" else "--append-eod"
     for name, jsonl in inputs.items():
-        prefix = data_dir / name
+        prefix = data_dir / preset.family / name
         if not Path(f"{prefix}_text_document.idx").exists():
             run_tool("preprocess_data.py", "--input", jsonl, "--output-prefix", prefix, "--tokenizer-type",
-                     "SentencePieceTokenizer", "--tokenizer-model", data["tokenizer"], "--append-eod")
+                     "SentencePieceTokenizer", "--tokenizer-model", data["tokenizer"], document)
         data[name] = f"{prefix}_text_document"
     return data
 

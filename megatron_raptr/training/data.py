@@ -330,13 +330,15 @@ def blend_config(args, tokenizer) -> dict:
     )
 
 
-def build_validation_sets(args, tokenizer, build_datasets: Callable) -> Dict[str, object]:
-    """--multiple-validation-sets: each --valid-data-path prefix as a validation set of its own,
-    named by its file name (e.g. valid_wiki_text_document). `build_datasets` is the model
-    family's (args, tokenizer) -> (train, valid)."""
-    return {os.path.basename(prefix): build_datasets(argparse.Namespace(**{**vars(args), "valid_data_path": [prefix]}),
-                                                     tokenizer)[1]
-            for prefix in args.valid_data_path}
+def build_with_validation_sets(args, tokenizer, build_datasets: Callable) -> Tuple[object, Dict[str, object]]:
+    """--multiple-validation-sets: the train dataset and each --valid-data-path prefix as a validation
+    set of its own, named by its file name (e.g. valid_wiki_text_document). `build_datasets` is the
+    model family's (args, tokenizer) -> (train, valid); it is never given the prefixes as a blend."""
+    train, sets = None, {}
+    for prefix in args.valid_data_path:
+        one_set = argparse.Namespace(**{**vars(args), "valid_data_path": [prefix]})
+        train, sets[os.path.basename(prefix)] = build_datasets(one_set, tokenizer)
+    return train, sets
 
 
 def build_split_datasets(dataset_cls, config, args):

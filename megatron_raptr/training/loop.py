@@ -311,9 +311,11 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
             if saved.get("method_flags") != args.method_flags:  # e.g. a RaPTr or stacking run finished in full
                 log(f" note: the checkpoint was trained with {saved.get('method_flags') or 'the full model'}, "
                     f"this run trains with {args.method_flags or 'the full model'}")
-    train_dataset, valid_dataset = trainer.family.build_datasets(args, tokenizer)
-    valid_sets = ({None: valid_dataset} if not args.multiple_validation_sets else
-                  data.build_validation_sets(args, tokenizer, trainer.family.build_datasets))
+    if args.multiple_validation_sets:
+        train_dataset, valid_sets = data.build_with_validation_sets(args, tokenizer, trainer.family.build_datasets)
+    else:
+        train_dataset, valid_dataset = trainer.family.build_datasets(args, tokenizer)
+        valid_sets = {None: valid_dataset}
     if args.skip_train:
         val_loss = trainer.evaluate_and_report(state, valid_sets)
         trainer.metrics.close()
