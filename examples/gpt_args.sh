@@ -41,6 +41,9 @@ else
           --valid-data-path "${VALID_DATA:-$TOKENIZED/valid_text_document}")
 fi
 
+# Megatron-Core's tensor-parallel layers overlap their gradient all-reduce with compute only
+# when the GPU runs one kernel queue in order.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 GPT_ARGS=(
     "${model[@]}" --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
     --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.02

@@ -3,6 +3,7 @@
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 # SIGTERM to every process of the job steps 5 minutes before the time limit (SLURM may send
@@ -42,7 +43,9 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 # exit 1 after its workers' clean exit, and SIGKILL them if the save took over 30 s.
 trap '' TERM
 # The rendezvous numbers the nodes, so every node runs the same command.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'trap "" TERM; exec "$@"' bash torchrun \
+# srun does not inherit --cpus-per-task from sbatch: without it the node's one task (torchrun,
+# its 8 workers and their data loaders) would be bound to a single core.
+srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 bash -c 'trap "" TERM; exec "$@"' bash torchrun \
     --signals-to-handle SIGINT,SIGHUP,SIGQUIT \
     --nnodes "$SLURM_NNODES" --nproc-per-node "${GPUS_PER_NODE:-8}" \
     --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d \

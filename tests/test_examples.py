@@ -136,6 +136,10 @@ def test_slurm_multinode_and_its_baseline(tmp_path):
         return [line for line in lines if line.startswith("#SBATCH") and "--job-name" not in line]
 
     assert "#SBATCH --signal=TERM@300" in sbatch_options("gpt_slurm_multinode.sh")
+    # srun must pass the CPUs on, or each node's torchrun and workers share one core.
+    assert "#SBATCH --cpus-per-task=64" in sbatch_options("gpt_slurm_multinode.sh")
+    assert 'srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK' in \
+        (ROOT / "examples" / "gpt_slurm_multinode.sh").read_text()
     assert sbatch_options("gpt_slurm_multinode.sh") == sbatch_options("baseline_gpt_slurm_multinode.sh")
 
 
