@@ -12,7 +12,6 @@ Without --raptr-schedule it trains the full model at every step: the baseline.
 from functools import partial
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.enums import ModelType
@@ -69,4 +68,3 @@ if __name__ == "__main__":
     model_config = gpt_config_from_args(args)  # --spec megatron_raptr.megatron_lm gpt_layer_spec
     pretrain(pretrain_cfg_container_from_args(args, model_config), datasets_provider,
              ModelType.encoder_or_decoder, forward_step)
-    parallel_state.destroy_model_parallel()

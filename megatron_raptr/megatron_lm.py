@@ -61,7 +61,15 @@ SPEC = ("megatron_raptr.megatron_lm", "gpt_layer_spec")
 
 
 def add_arguments(parser):
-    """Megatron-LM's `extra_args_provider`: the --raptr-* flags and --metrics-file."""
+    """Megatron-LM's `extra_args_provider`: the --raptr-* flags and --metrics-file.
+
+    Without CUDA it also adapts Megatron-LM to the CPU: its argument checks that follow
+    already ask the GPU about itself.
+    """
+    if not torch.cuda.is_available():
+        from megatron_raptr.compat import cpu
+
+        cpu.install_megatron_training()
     _add_raptr_args(parser)
     parser.add_argument_group("RaPTr metrics").add_argument(
         "--metrics-file", default=None,
@@ -88,7 +96,7 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
     if not torch.cuda.is_available():
         from megatron_raptr.compat import cpu
 
-        cpu.install_megatron_training(args)
+        cpu.adapt_megatron_training_args(args)
     loop = RaptrLoop(args, build_schedule(args), list(hooks) + default_hooks(args))
     _install(loop)
     return loop

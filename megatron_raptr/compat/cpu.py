@@ -21,6 +21,7 @@ release is skipped rather than breaking the import; the tests show what still ru
 import contextlib
 import functools
 import importlib
+import os
 import types
 
 import torch
@@ -122,6 +123,10 @@ class _CudaOnCpu(types.ModuleType):
             # The CPU generator stands in for the CUDA one (what the RNG tracker does too).
             self.get_rng_state = lambda device="cuda": torch.get_rng_state()
             self.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+            # No CUDA architecture: Megatron-LM's argument checks branch on it.
+            self.get_device_properties = lambda device=None: types.SimpleNamespace(
+                name="cpu", major=0, minor=0, total_memory=0)
+            self.get_device_capability = lambda device=None: (0, 0)
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -300,26 +305,34 @@ def install() -> None:
     _installed = True
 
 
-def install_megatron_training(args) -> None:
-    """install(), and adapt Megatron-LM's loop (`megatron.training`) and its parsed
-    arguments `args` too. Idempotent. Call before the model's config is built.
+def install_megatron_training() -> None:
+    """install(), and adapt Megatron-LM's loop (`megatron.training`) too. Idempotent.
+    Call before Megatron-LM validates its arguments: that already asks for the GPU.
 
     Separate from install() because importing megatron.training is slow and only
     programs that run Megatron-LM's own loop need it.
     """
     global _training_installed
+    install()
+    if _training_installed:
+        return
+    _redirect(_TRAINING_MODULES_ASSUMING_CUDA, _TorchOnCpu(device_present=True))
+    # Megatron-LM requires this for tensor parallelism on GPUs older than Blackwell, which the
+    # CPU stand-in reports; it only orders CUDA kernel launches.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    # Megatron's fused kernels are torch.compile'd; on the CPU, compiling them (the loop warms
+    # them up at start) takes about half a minute per process, for no gain: run them eagerly.
+    torch._dynamo.config.disable = True
+    _training_installed = True
+
+
+def adapt_megatron_training_args(args) -> None:
+    """Megatron-LM's parsed arguments `args` for the CPU; before the model's config is built."""
     # gloo, as our own trainer uses without CUDA; weights made where they stay (the model
     # builder would otherwise move them with Module.cuda(), which only takes CUDA devices).
     args.distributed_backend = "gloo"
     args.use_cpu_initialization = True
     args.gradient_accumulation_fusion = False  # a CUDA extension (Apex or Transformer Engine)
-    # Megatron's fused kernels are torch.compile'd; on the CPU, compiling them (the loop warms
-    # them up at start) takes about half a minute per process, for no gain: run them eagerly.
-    torch._dynamo.config.disable = True
-    install()
-    if not _training_installed:
-        _redirect(_TRAINING_MODULES_ASSUMING_CUDA, _TorchOnCpu(device_present=True))
-        _training_installed = True
 
 
 def _redirect(module_names, cpu_torch) -> None:
