@@ -4,7 +4,7 @@ What a Megatron-LM `pretrain_gpt.py` becomes: Megatron-LM's flags, datasets, loo
 checkpoints and logging, plus the lines marked RaPTr.
 
     torchrun --nproc-per-node 2 examples/pretrain_gpt_megatron_lm.py [Megatron-LM flags] \\
-        --spec megatron_raptr.megatron_lm gpt_layer_spec --raptr-schedule 6@0,8@0.25,10@0.5,12@0.75
+        --raptr-schedule 6@0,8@0.25,10@0.5,12@0.75
 
 Without --raptr-schedule it trains the full model at every step: the baseline.
 """
@@ -65,6 +65,6 @@ def loss_func(loss_mask, per_token_loss):
 if __name__ == "__main__":
     args = parse_and_validate_args(extra_args_provider=raptr.add_arguments)  # RaPTr: its flags
     raptr.setup(args)  # RaPTr: checks, then the path, DDP, metrics and stage hooks in Megatron-LM's loop
-    model_config = gpt_config_from_args(args)  # --spec megatron_raptr.megatron_lm gpt_layer_spec
+    model_config = gpt_config_from_args(args)  # RaPTr's layers: --spec megatron_raptr.megatron_lm gpt_layer_spec
     pretrain(pretrain_cfg_container_from_args(args, model_config), datasets_provider,
              ModelType.encoder_or_decoder, forward_step)

@@ -9,8 +9,8 @@ What a Megatron-LM `pretrain_gpt.py` adds (see examples/pretrain_gpt_megatron_lm
     model_cfg = gpt_config_from_args(args)
     pretrain(pretrain_cfg_container_from_args(args, model_cfg), ...)
 
-and on the command line `--spec megatron_raptr.megatron_lm gpt_layer_spec` plus the
-`--raptr-*` flags. Without `--raptr-schedule` every step trains the full model (the
+and on the command line the `--raptr-*` flags (`setup()` makes
+`--spec megatron_raptr.megatron_lm gpt_layer_spec` the default). Without `--raptr-schedule` every step trains the full model (the
 baseline, through the same code).
 
 Megatron-LM's extension points carry the model and the flags: `--spec` builds the
@@ -116,8 +116,11 @@ def _check_args(args) -> None:
                          "(--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank)")
     if args.train_iters is None:
         raise ValueError("RaPTr schedules are in iterations: use --train-iters, not --train-samples")
-    if args.spec is None or import_module(args.spec) is not gpt_layer_spec:
-        raise ValueError(f"RaPTr needs its gated layers: pass --spec {' '.join(SPEC)}")
+    if args.spec is None:
+        args.spec = list(SPEC)  # read by gpt_config_from_args, after setup()
+    elif import_module(args.spec) is not gpt_layer_spec:
+        raise ValueError(f"RaPTr needs its gated layers: --spec {' '.join(SPEC)} (the default), "
+                         f"not --spec {' '.join(args.spec)}")
 
 
 class RaptrLoop:
