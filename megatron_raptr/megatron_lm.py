@@ -55,6 +55,7 @@ from megatron_raptr.layout import pipeline_layout
 from megatron_raptr.sampler import PathSampler
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training.arguments import _add_raptr_args, build_schedule
+from megatron_raptr.training.initialize import current_device
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
 
 SPEC = ("megatron_raptr.megatron_lm", "gpt_layer_spec")
@@ -168,7 +169,7 @@ class RaptrLoop:
             for hook in self.hooks:
                 hook.on_stage_start(self.schedule, path.stage, iteration)
         if self.args.raptr_verify_sync and iteration % self.args.raptr_verify_sync == 0:
-            verify_path_sync(path, _device())
+            verify_path_sync(path, current_device())
         self.set_path(path)
         lr_scale = math.prod(hook.lr_scale(self.schedule, iteration) for hook in self.hooks)
         for group in optimizer.param_groups:
@@ -200,10 +201,6 @@ class RaptrLoop:
             self.last_eval_iteration = iteration
             self.metrics.eval(dict(iteration=iteration, val_loss=float(loss), val_ppl=perplexity(float(loss))))
         return result
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 _originals = {}

@@ -81,9 +81,10 @@ def _records(tmp_path, name):
 
 
 def test_raptr_in_megatron_lm_loop_skips_layers(tmp_path):
-    """The issue's check: 2 active layers per step, then 4, with falling loss; skipped layers
-    cost no FLOPs and get zero gradients (plain DDP: gradients are whole on every rank)."""
-    (ranks) = run_distributed(_train_each, 2, [_argv(tmp_path, "raptr", *RAPTR, "--raptr-verify-sync", "1")])
+    """2 active layers per step, then 4, with falling loss; skipped layers cost no FLOPs and get
+    zero gradients (plain DDP: gradients are whole on every rank); the stage hook re-warms the LR."""
+    ranks = run_distributed(_train_each, 2, [_argv(tmp_path, "raptr", *RAPTR, "--raptr-verify-sync", "1",
+                                                   "--raptr-stage-warmup-iters", "2")])
     train, evals = _records(tmp_path, "raptr")
     assert [r["iteration"] for r in train] == list(range(1, 9))
     assert [r["path_length"] for r in train] == [2] * 4 + [4] * 4
@@ -91,6 +92,10 @@ def test_raptr_in_megatron_lm_loop_skips_layers(tmp_path):
     assert set(train[0]) == {"iteration", "stage", "path_length", "active_layers", "lm_loss", "lr", "grad_norm",
                              "tokens", "step_flops", "cumulative_flops", "elapsed_s"}
     assert train[-1]["lm_loss"] < train[0]["lm_loss"]
+    # Megatron-LM's linear decay after 2 warm-up steps to 0 at step 8: step t trains at
+    # 1e-3 * (8 - t) / 6; the stage starting at step 4 re-warms over 2 steps.
+    assert [r["lr"] for r in train[2:]] == pytest.approx([1e-3 * (8 - t) / 6 * (0.5 if t == 4 else 1)
+                                                          for t in range(2, 8)])
     assert [r["iteration"] for r in evals] == [4, 8]
     for (steps,) in ranks:
         assert [s["iteration"] for s in steps] == list(range(1, 9))

@@ -13,7 +13,7 @@
 # Environment: PYTHON (default: .venv/bin/python when present, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-output_dir= wheel_dir= timeout_s=150
+output_dir='' wheel_dir='' timeout_s=150
 while [ $# -gt 0 ]; do
     case "$1" in
         --output-dir) output_dir=${2:?--output-dir needs a directory}; shift 2 ;;

