@@ -94,6 +94,8 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
     Raises ValueError naming the flag for anything RaPTr cannot run, before any work.
     """
     _check_args(args)
+    if args.spec is None:
+        args.spec = list(SPEC)  # read by gpt_config_from_args, after setup()
     if not torch.cuda.is_available():
         from megatron_raptr.compat import cpu
 
@@ -117,9 +119,7 @@ def _check_args(args) -> None:
                          "(--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank)")
     if args.train_iters is None:
         raise ValueError("RaPTr schedules are in iterations: use --train-iters, not --train-samples")
-    if args.spec is None:
-        args.spec = list(SPEC)  # read by gpt_config_from_args, after setup()
-    elif import_module(args.spec) is not gpt_layer_spec:
+    if args.spec is not None and import_module(args.spec) is not gpt_layer_spec:
         raise ValueError(f"RaPTr needs its gated layers: --spec {' '.join(SPEC)} (the default), "
                          f"not --spec {' '.join(args.spec)}")
 
