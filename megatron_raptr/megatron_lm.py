@@ -10,8 +10,8 @@ What a Megatron-LM `pretrain_gpt.py` adds (see examples/pretrain_gpt_megatron_lm
     pretrain(pretrain_cfg_container_from_args(args, model_cfg), ...)
 
 and on the command line the `--raptr-*` flags (`setup()` makes
-`--spec megatron_raptr.megatron_lm gpt_layer_spec` the default). Without `--raptr-schedule` every step trains the full model (the
-baseline, through the same code).
+`--spec megatron_raptr.megatron_lm gpt_layer_spec` the default). Without
+`--raptr-schedule` every step trains the full model (the baseline, through the same code).
 
 Megatron-LM's extension points carry the model and the flags: `--spec` builds the
 gated layers, `extra_args_provider` adds the flags. Three things have none, and

@@ -21,7 +21,7 @@ EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt_m
 MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
          "--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 2 "
          "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 512 "
-         "--log-interval 4 --eval-interval 4 --eval-iters 1 --seed 11 --num-workers 0").split()  # RaPTr's --spec: the default
+         "--log-interval 4 --eval-interval 4 --eval-iters 1 --seed 11 --num-workers 0").split()  # RaPTr's --spec: default
 RAPTR = ["--raptr-schedule", "2@0,4@0.5", "--raptr-sampling", "fixed-size"]
 
 
