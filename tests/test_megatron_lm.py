@@ -18,10 +18,11 @@ pytest.importorskip("megatron.training.training", reason="Megatron-LM's loop shi
 from tests.distributed import run_distributed  # noqa: E402
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt_megatron_lm.py")
+# No --spec: RaPTr's is the default.
 MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
          "--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 2 "
          "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 512 "
-         "--log-interval 4 --eval-interval 4 --eval-iters 1 --seed 11 --num-workers 0").split()  # RaPTr's --spec: default
+         "--log-interval 4 --eval-interval 4 --eval-iters 1 --seed 11 --num-workers 0").split()
 RAPTR = ["--raptr-schedule", "2@0,4@0.5", "--raptr-sampling", "fixed-size"]
 
 
