@@ -32,6 +32,10 @@ def test_gpu_check_runs_on_cpu_and_writes_its_figures(tmp_path):
     assert end_to_end["exit_codes"] == [0, 0, 0]
     assert end_to_end["paths_equal_after_resume"] and end_to_end["max_rel_loss_diff_after_resume"] == 0.0
     assert end_to_end["final_loss"] < end_to_end["first_loss"]
+    megatron_lm = figures["megatron_lm"]
+    if "skipped" not in megatron_lm:  # megatron-core 0.17+
+        assert megatron_lm["path_lengths"] == [2] * 4 + [4] * 4
+        assert megatron_lm["final_loss"] < megatron_lm["first_loss"]
     assert "whole step" in (tmp_path / "gpu_check.txt").read_text()
 
 

@@ -1,5 +1,6 @@
 """One-command GPU check: the suite's GPU tests, the skip benchmark at a realistic size,
-and an end-to-end run with a resume, written to DIR/gpu_check.json and DIR/gpu_check.txt.
+an end-to-end run with a resume, and RaPTr in Megatron-LM's own loop (where megatron.training
+is installed), written to DIR/gpu_check.json and DIR/gpu_check.txt.
 
 Without a GPU it says so and runs the same checks at a small size on the CPU.
 Run through tools/gpu_check.sh (which can install megatron-core from a wheel directory).
@@ -31,6 +32,17 @@ CPU_RUN = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length
            "--raptr-schedule 2@0,3@0.5,4@0.75")
 RUN_COMMON = ("--lr 3e-4 --lr-warmup-iters 4 --hidden-dropout 0 --attention-dropout 0 --mock-data "
               "--tokenizer-type NullTokenizer")
+# RaPTr in Megatron-LM's own loop (megatron-core 0.17+): on a GPU its CUDA paths (NCCL,
+# streams, CUDA RNG states), which the CPU compat module stands in for on the CPU.
+MEGATRON_LM_GPU = ("--num-layers 8 --hidden-size 1024 --num-attention-heads 16 --seq-length 1024 "
+                   "--max-position-embeddings 1024 --micro-batch-size 4 --vocab-size 32000 --train-iters 20 "
+                   "--eval-interval 10 --raptr-schedule 4@0,8@10")
+MEGATRON_LM_CPU = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+                   "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 --vocab-size 512 "
+                   "--train-iters 8 --eval-interval 4 --raptr-schedule 2@0,4@4")
+MEGATRON_LM_COMMON = ("--lr 1e-3 --lr-warmup-iters 2 --hidden-dropout 0 --attention-dropout 0 --mock-data "
+                      "--tokenizer-type NullTokenizer --num-workers 0 --eval-iters 1 --log-interval 4 "
+                      "--no-gradient-accumulation-fusion --raptr-sampling fixed-size --raptr-verify-sync 1")
 
 
 def sh(argv, log, timeout_s):
@@ -105,6 +117,24 @@ def run_end_to_end(out_dir, gpu, timeout_s):
     }
 
 
+def run_megatron_lm(out_dir, gpu, timeout_s):
+    """examples/pretrain_gpt_megatron_lm.py: Megatron-LM's pretrain() with RaPTr, one process."""
+    try:
+        import megatron.training.training  # noqa: F401
+    except ImportError:
+        return {"skipped": "no megatron.training (megatron-core 0.17+ ships it)"}
+    metrics = out_dir / "megatron_lm.jsonl"
+    code, seconds = sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                        "examples/pretrain_gpt_megatron_lm.py", *(MEGATRON_LM_GPU if gpu else MEGATRON_LM_CPU).split(),
+                        *MEGATRON_LM_COMMON.split(), "--metrics-file", metrics], out_dir / "megatron_lm.log", timeout_s)
+    if code:
+        return {"exit_code": code, "seconds": round(seconds, 1)}
+    train, evals = train_records(metrics)
+    return {"exit_code": code, "seconds": round(seconds, 1), "path_lengths": [r["path_length"] for r in train],
+            "first_loss": train[0]["lm_loss"], "final_loss": train[-1]["lm_loss"],
+            "final_val_loss": evals[-1]["val_loss"]}
+
+
 def environment(gpu):
     import megatron.core
 
@@ -139,6 +169,13 @@ def table(result):
                      f"{e2e['max_rel_loss_diff_after_resume']:.2e}")
     else:
         lines.append(f"end to end failed: {e2e}")
+    megatron_lm = result["megatron_lm"]
+    if "final_loss" in megatron_lm:
+        lines.append(f"Megatron-LM's loop ({len(megatron_lm['path_lengths'])} iterations, path lengths "
+                     f"{sorted(set(megatron_lm['path_lengths']))}): loss {megatron_lm['first_loss']:.3f} -> "
+                     f"{megatron_lm['final_loss']:.3f}, full-model validation {megatron_lm['final_val_loss']:.3f}")
+    else:
+        lines.append(f"Megatron-LM's loop: {megatron_lm}")
     return "\n".join(lines)
 
 
@@ -157,11 +194,13 @@ def main():
     print(f"tests: {result['tests']['summary']}", flush=True)
     result["bench"] = run_bench(out_dir, gpu, args.timeout_s)
     result["end_to_end"] = run_end_to_end(out_dir, gpu, 2 * args.timeout_s)
+    result["megatron_lm"] = run_megatron_lm(out_dir, gpu, args.timeout_s)
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
     text = table(result)
     (out_dir / "gpu_check.txt").write_text(text + "\n")
     print(text)
-    ok = result["tests"]["exit_code"] == 0 and "raptr" in result["bench"] and "final_loss" in result["end_to_end"]
+    ok = (result["tests"]["exit_code"] == 0 and "raptr" in result["bench"] and "final_loss" in result["end_to_end"]
+          and ("final_loss" in result["megatron_lm"] or "skipped" in result["megatron_lm"]))
     sys.exit(0 if ok else 1)
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command for a machine with one NVIDIA GPU, Python 3.12 and a CUDA build of torch, no
 # internet needed: the suite's GPU tests, the skip benchmark in bf16 at a realistic size
-# (path 12 of 24 layers, hidden 2048, sequence 2048) and a short end-to-end run with a
-# resume; figures in DIR/gpu_check.json and DIR/gpu_check.txt. Without a GPU it says so and
+# (path 12 of 24 layers, hidden 2048, sequence 2048), a short end-to-end run with a
+# resume, and RaPTr in Megatron-LM's own loop where megatron-core 0.17+ is installed (its
+# CUDA paths, which the CPU runs through the compat module); figures in DIR/gpu_check.json
+# and DIR/gpu_check.txt. Without a GPU it says so and
 # runs the same at a small size on the CPU. Under 8 minutes on an H100.
 #
 #   bash tools/gpu_check.sh --output-dir runs/gpu_check [--wheel-dir DIR] [--timeout-s N]

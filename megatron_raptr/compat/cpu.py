@@ -7,6 +7,10 @@ moves tensors with `.cuda()` and checks `tensor.type() == 'torch.cuda.FloatTenso
 
 * the modules in `_MODULES_ASSUMING_CUDA` get their own `torch` whose CUDA device
   is the CPU; torch itself is unchanged for every other module;
+* Megatron-LM's loop (`megatron.training`, shipped with megatron-core 0.17+): the
+  modules in `_TRAINING_MODULES_ASSUMING_CUDA` get a `torch` that also reports one
+  CUDA device, since they refuse to start, or skip building the model-parallel
+  groups, without one; their streams, memory statistics and cache are no-ops;
 * the Megatron functions in `_patch_tensor_checks` run with CPU tensors passing for
   CUDA ones (`.type()` names, `.cuda()`);
 * the RNG tracker and activation recompute keep CPU generator states.
@@ -17,6 +21,7 @@ release is skipped rather than breaking the import; the tests show what still ru
 import contextlib
 import functools
 import importlib
+import os
 import types
 
 import torch
@@ -52,6 +57,27 @@ _MODULES_ASSUMING_CUDA = {
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 }
 
+# Megatron-LM's loop: modules that also need to see a CUDA device.
+_TRAINING_MODULES_ASSUMING_CUDA = {
+    # initialize_megatron asserts CUDA; model-parallel groups and the RNG tracker's seeds are
+    # set up only when torch.cuda.device_count() > 0; JIT warm-up tensors on 'cuda'.
+    "megatron.training.initialize",
+    # pretrain/train/evaluate: start-time, loss and flag tensors on 'cuda', a CUDA stream
+    # around DDP construction (get_model), memory statistics in the log, empty_cache().
+    "megatron.training.training",
+    # The model builder (0.19's config path): the same stream, and the model moved to current_device().
+    "megatron.training.models.dist_utils",
+    # Loss averaging across data-parallel ranks and the grad-norm/params-norm helpers.
+    "megatron.training.utils.common_utils",
+    "megatron.training.utils.utils",
+    # Checkpoint save/load: RNG states and the iteration tensor.
+    "megatron.training.checkpointing",
+    # The loop's timers synchronize CUDA before reading the clock.
+    "megatron.core.timers",
+    # Saves and restores the CUDA RNG state around every step, to rerun it if asked.
+    "megatron.core.rerun_state_machine",
+}
+
 # Tensor-type names Megatron's optimizer accepts, keyed by their CPU counterparts.
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -60,6 +86,7 @@ _CUDA_TYPE_NAMES = {
 }
 
 _installed = False
+_training_installed = False
 
 
 def _import(name):
@@ -77,10 +104,29 @@ def _on_cpu(device):
 
 
 class _CudaOnCpu(types.ModuleType):
-    """`torch.cuda` whose current device is the CPU and whose synchronize is a no-op."""
+    """`torch.cuda` whose current device is the CPU and whose synchronize is a no-op.
 
-    def __init__(self):
+    With `device_present`, it also reports one CUDA device (the CPU) with no-op streams,
+    device selection, cache and empty memory statistics, and the CPU's RNG state.
+    """
+
+    def __init__(self, device_present=False):
         super().__init__("torch.cuda")
+        if device_present:
+            self.is_available = lambda: True
+            self.device_count = lambda: 1
+            self.set_device = lambda device: None
+            self.empty_cache = lambda: None
+            self.memory_stats = lambda device=None: {}
+            self.Stream = lambda *args, **kwargs: _NoStream()
+            self.stream = lambda stream: contextlib.nullcontext()
+            # The CPU generator stands in for the CUDA one (what the RNG tracker does too).
+            self.get_rng_state = lambda device="cuda": torch.get_rng_state()
+            self.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+            # No CUDA architecture: Megatron-LM's argument checks branch on it.
+            self.get_device_properties = lambda device=None: types.SimpleNamespace(
+                name="cpu", major=0, minor=0, total_memory=0)
+            self.get_device_capability = lambda device=None: (0, 0)
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -112,11 +158,11 @@ class _NoStream:
 class _TorchOnCpu(types.ModuleType):
     """`torch` whose tensor factories put `device="cuda"` on the CPU."""
 
-    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "rand")
 
-    def __init__(self):
+    def __init__(self, device_present=False):
         super().__init__("torch")
-        self.cuda = _CudaOnCpu()
+        self.cuda = _CudaOnCpu(device_present)
         for name in self._FACTORIES:
             setattr(self, name, self._factory(getattr(torch, name)))
 
@@ -253,11 +299,44 @@ def install() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("megatron_raptr.compat.cpu.install() is for machines without CUDA")
-    cpu_torch = _TorchOnCpu()
-    for name in _MODULES_ASSUMING_CUDA:
-        module = _import(name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = cpu_torch
+    _redirect(_MODULES_ASSUMING_CUDA, _TorchOnCpu())
     _patch_tensor_checks()
     _patch_rng()
     _installed = True
+
+
+def install_megatron_training() -> None:
+    """install(), and adapt Megatron-LM's loop (`megatron.training`) too. Idempotent.
+    Call before Megatron-LM validates its arguments: that already asks for the GPU.
+
+    Separate from install() because importing megatron.training is slow and only
+    programs that run Megatron-LM's own loop need it.
+    """
+    global _training_installed
+    install()
+    if _training_installed:
+        return
+    _redirect(_TRAINING_MODULES_ASSUMING_CUDA, _TorchOnCpu(device_present=True))
+    # Megatron-LM requires this for tensor parallelism on GPUs older than Blackwell, which the
+    # CPU stand-in reports; it only orders CUDA kernel launches.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    # Megatron's fused kernels are torch.compile'd; on the CPU, compiling them (the loop warms
+    # them up at start) takes about half a minute per process, for no gain: run them eagerly.
+    torch._dynamo.config.disable = True
+    _training_installed = True
+
+
+def adapt_megatron_training_args(args) -> None:
+    """Megatron-LM's parsed arguments `args` for the CPU; before the model's config is built."""
+    # gloo, as our own trainer uses without CUDA; weights made where they stay (the model
+    # builder would otherwise move them with Module.cuda(), which only takes CUDA devices).
+    args.distributed_backend = "gloo"
+    args.use_cpu_initialization = True
+    args.gradient_accumulation_fusion = False  # a CUDA extension (Apex or Transformer Engine)
+
+
+def _redirect(module_names, cpu_torch) -> None:
+    for name in module_names:
+        module = _import(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = cpu_torch

@@ -1,0 +1,176 @@
+"""RaPTr in Megatron-LM's own loop: examples/pretrain_gpt_megatron_lm.py on 2 CPU processes (gloo).
+
+Needs megatron.training (megatron-core 0.17+, Python 3.12); skipped where it is absent.
+Each job runs several trainings one after another in the same pair of processes, as
+separate launches would (importing Megatron-LM costs each process ~15 s).
+"""
+
+import functools
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.training.training", reason="Megatron-LM's loop ships with megatron-core 0.17+")
+
+from tests.distributed import run_distributed  # noqa: E402
+
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt_megatron_lm.py")
+# No --spec: RaPTr's is the default.
+MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+         "--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 2 "
+         "--hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size 512 "
+         "--log-interval 4 --eval-interval 4 --eval-iters 1 --seed 11 --num-workers 0").split()
+RAPTR = ["--raptr-schedule", "2@0,4@0.5", "--raptr-sampling", "fixed-size"]
+
+
+def _probe_steps(steps):
+    """Wraps Megatron-LM's train_step (inside RaPTr's wrapper, installed later around it) to
+    record, per step, the matmul FLOPs this rank ran and which of its layers got gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from megatron.training import training
+
+    from megatron_raptr.layer import raptr_layers
+
+    original = training.train_step
+
+    @functools.wraps(original)
+    def train_step(*args, **kwargs):
+        model = kwargs.get("model", args[2])
+        with FlopCounterMode(display=False) as counter:
+            result = original(*args, **kwargs)
+        layers = raptr_layers(model)
+        steps.append(dict(
+            iteration=kwargs["iteration"] + 1, flops=counter.get_total_flops(),
+            with_grad=sorted(layer.layer_number for layer in layers
+                             if any(bool(p.main_grad.count_nonzero()) for p in layer.parameters())),
+            layers=sorted(layer.layer_number for layer in layers),
+        ))
+        return result
+
+    training.train_step = train_step
+
+
+def _train_each(argvs):
+    """Runs the example once per argv in this process group; returns this rank's probed steps per run."""
+    from megatron.training.training import destroy_global_state
+
+    steps = []
+    _probe_steps(steps)
+    runs = []
+    for argv in argvs:
+        del steps[:]
+        sys.argv = [EXAMPLE, *argv]
+        try:
+            runpy.run_path(EXAMPLE, run_name="__main__")
+        except SystemExit as stop:  # --exit-interval ends the program
+            assert stop.code == 0, stop
+        destroy_global_state()
+        runs.append(list(steps))
+    return runs
+
+
+def _argv(tmp_path, name, *extra, iters=8):
+    return [*MODEL, "--train-iters", str(iters), "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra]
+
+
+def _records(tmp_path, name):
+    records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    return [r for r in records if "lm_loss" in r], [r for r in records if "val_loss" in r]
+
+
+def test_raptr_in_megatron_lm_loop_skips_layers(tmp_path):
+    """2 active layers per step, then 4, with falling loss; skipped layers cost no FLOPs and get
+    zero gradients (plain DDP: gradients are whole on every rank); the stage hook re-warms the LR."""
+    ranks = run_distributed(_train_each, 2, [_argv(tmp_path, "raptr", *RAPTR, "--raptr-verify-sync", "1",
+                                                   "--raptr-stage-warmup-iters", "2")])
+    train, evals = _records(tmp_path, "raptr")
+    assert [r["iteration"] for r in train] == list(range(1, 9))
+    assert [r["path_length"] for r in train] == [2] * 4 + [4] * 4
+    assert all(r["active_layers"][0] == 1 and r["active_layers"][-1] == 4 for r in train)
+    assert set(train[0]) == {"iteration", "stage", "path_length", "active_layers", "lm_loss", "lr", "grad_norm",
+                             "tokens", "step_flops", "cumulative_flops", "elapsed_s"}
+    assert train[-1]["lm_loss"] < train[0]["lm_loss"]
+    # Megatron-LM's linear decay after 2 warm-up steps to 0 at step 8: step t trains at
+    # 1e-3 * (8 - t) / 6; the stage starting at step 4 re-warms over 2 steps.
+    assert [r["lr"] for r in train[2:]] == pytest.approx([1e-3 * (8 - t) / 6 * (0.5 if t == 4 else 1)
+                                                          for t in range(2, 8)])
+    assert [r["iteration"] for r in evals] == [4, 8]
+    for (steps,) in ranks:
+        assert [s["iteration"] for s in steps] == list(range(1, 9))
+        for step, record in zip(steps, train):
+            assert step["with_grad"] == record["active_layers"], step
+            # Data-parallel ranks split the global batch: each runs half the step's FLOPs.
+            assert step["flops"] * 2 == record["step_flops"], step
+        assert steps[0]["flops"] < steps[-1]["flops"]
+
+
+def test_paths_agree_under_tensor_pipeline_and_data_parallelism(tmp_path):
+    """Every rank checks the path checksum each step (--raptr-verify-sync 1); each layout trains the
+    paths of the single-layout run, on pipeline stages that hold only some of the layers."""
+    layouts = {
+        "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        "pp2": ["--pipeline-model-parallel-size", "2"],
+        "dp2": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+    }
+    schedule = ["--raptr-schedule", "2@0,3@0.5", "--raptr-sampling", "fixed-size", "--raptr-verify-sync", "1"]
+    ranks = run_distributed(_train_each, 2, [_argv(tmp_path, name, *schedule, *extra)
+                                             for name, extra in layouts.items()])
+    paths = {name: [r["active_layers"] for r in _records(tmp_path, name)[0]] for name in layouts}
+    assert paths["tp2"] == paths["pp2"] == paths["dp2"]
+    assert len({tuple(path) for path in paths["dp2"][4:]}) > 1  # stage 1 really samples
+    for name in layouts:
+        losses = [r["lm_loss"] for r in _records(tmp_path, name)[0]]
+        assert losses[-1] < losses[0], name
+    pp_steps = [run[1] for run in ranks]  # per rank: the pp2 run
+    assert [s["layers"] for s in pp_steps[0][0:1]] == [[1, 2]] and [s["layers"] for s in pp_steps[1][0:1]] == [[3, 4]]
+    for steps in pp_steps:
+        for step, path in zip(steps, paths["pp2"]):
+            assert step["with_grad"] == [layer for layer in step["layers"] if layer in path], step
+
+
+def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
+    """Megatron-LM's own torch_dist checkpoint. (Without Transformer Engine or Apex, megatron-core
+    0.19.2's load_checkpoint cannot describe the distributed optimizer's state before its first
+    step, so this resumes the regular optimizer.)"""
+    ckpt = str(tmp_path / "ckpt")
+    common = [*RAPTR, "--overlap-grad-reduce"]
+    run_distributed(_train_each, 2, [
+        _argv(tmp_path, "uninterrupted", *common),
+        _argv(tmp_path, "first-half", *common, "--save", ckpt, "--save-interval", "4", "--exit-interval", "4"),
+        _argv(tmp_path, "resumed", *common, "--load", ckpt),
+    ])
+    reference, _ = _records(tmp_path, "uninterrupted")
+    first, _ = _records(tmp_path, "first-half")
+    resumed, _ = _records(tmp_path, "resumed")
+    assert [r["iteration"] for r in first] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in resumed] == [5, 6, 7, 8]
+    for key in ("active_layers", "lm_loss", "lr", "cumulative_flops"):
+        assert [r[key] for r in first + resumed] == [r[key] for r in reference], key
+
+
+@pytest.mark.parametrize("flags, settings, message", [
+    # Megatron-LM's own checks of the FSDP flags need CUDA: set as they would pass on a GPU.
+    ([], {"use_torch_fsdp2": True}, "--use-torch-fsdp2"),
+    ([], {"use_megatron_fsdp": True}, "--use-megatron-fsdp"),
+    (["--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce"], {}, "--overlap-param-gather"),
+    (["--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"], {}, "--spec"),
+    (["--raptr-schedule", "2@0,5@4"], {}, "--num-layers"),
+])
+def test_refuses_what_raptr_cannot_run_before_any_work(flags, settings, message):
+    """FSDP would never reduce skipped layers' shards; Megatron's own spec has no gated layers."""
+    from megatron.training import global_vars
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_raptr import megatron_lm
+
+    sys.argv = [EXAMPLE, *MODEL, "--train-iters", "8", *RAPTR, *flags]
+    try:
+        args = parse_and_validate_args(extra_args_provider=megatron_lm.add_arguments)
+        vars(args).update(settings)
+        with pytest.raises(ValueError, match=message):
+            megatron_lm.setup(args)
+    finally:
+        global_vars.unset_global_variables()
