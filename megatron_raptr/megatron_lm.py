@@ -54,7 +54,7 @@ from megatron_raptr.layer import PathSetter, get_gpt_raptr_block_spec
 from megatron_raptr.layout import pipeline_layout
 from megatron_raptr.sampler import PathSampler
 from megatron_raptr.sync import verify_path_sync
-from megatron_raptr.training.arguments import _add_raptr_args, build_schedule
+from megatron_raptr.training.arguments import _add_pld_args, _add_raptr_args, _add_stacking_args, build_schedule
 from megatron_raptr.training.initialize import current_device
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
 
@@ -72,6 +72,8 @@ def add_arguments(parser):
 
         cpu.install_megatron_training()
     _add_raptr_args(parser)
+    _add_stacking_args(parser)  # known, so that they are refused by name (setup)
+    _add_pld_args(parser)
     parser.add_argument_group("RaPTr metrics").add_argument(
         "--metrics-file", default=None,
         help="JSON lines of train and eval records (RaPTr path, loss, FLOPs), written by the last rank")
@@ -106,6 +108,10 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
 
 
 def _check_args(args) -> None:
+    given = [flag for flag in ("stacking_schedule", "pld_theta", "pld_gamma") if getattr(args, flag) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')}: in Megatron-LM's loop only RaPTr is supported yet; "
+                         "gradual stacking and progressive layer dropping run with pretrain_raptr.py")
     if args.use_megatron_fsdp or args.use_torch_fsdp2:
         raise ValueError(
             "RaPTr does not run under --use-megatron-fsdp or --use-torch-fsdp2: a skipped layer's "

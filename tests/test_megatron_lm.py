@@ -158,6 +158,7 @@ def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
     (["--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce"], {}, "--overlap-param-gather"),
     (["--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"], {}, "--spec"),
     (["--raptr-schedule", "2@0,5@4"], {}, "--num-layers"),
+    (["--pld-theta", "0.5"], {}, "--pld-theta: in Megatron-LM's loop only RaPTr"),
 ])
 def test_refuses_what_raptr_cannot_run_before_any_work(flags, settings, message):
     """FSDP would never reduce skipped layers' shards; Megatron's own spec has no gated layers."""
