@@ -21,13 +21,13 @@ from megatron_raptr.flops import bert_head_forward_flops_per_token, step_flops
 from megatron_raptr.sampler import Path
 from megatron_raptr.training import bert, data
 from megatron_raptr.training.arguments import parse_args
-from megatron_raptr.training.initialize import destroy_distributed, initialize_distributed
-from megatron_raptr.training.loop import TrainState, build_trainer
+from megatron_raptr.training.loop import TrainState
 from tests.dense_reference import active_layers_state_dict
 from tests.documents import stdlib_documents
 from tests.distributed import run_distributed
 from tests.test_data import ROOT, load_tool
 from tests.test_pretrain import _pretrain_each, losses, train_records
+from tests.test_trainer import build as trainer_run, single_process_megatron  # noqa: F401  (autouse fixture)
 
 BASE = ("--model bert --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
         "--lr 1e-3 --hidden-dropout 0 --attention-dropout 0 --mock-data --tokenizer-type NullTokenizer "
@@ -35,18 +35,8 @@ BASE = ("--model bert --num-layers 4 --hidden-size 64 --num-attention-heads 4 --
 MODEL = BASE + "--global-batch-size 4 --train-iters 3 --lr-decay-style constant".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process_megatron():
-    initialize_distributed(1, 1, seed=5)
-    yield
-    destroy_distributed()
-
-
 def build(*argv):
-    args = parse_args(MODEL + list(argv))
-    trainer, tokenizer = build_trainer(args)
-    train, valid = trainer.family.build_datasets(args, tokenizer)
-    return args, trainer, train, valid
+    return trainer_run(*argv, base=MODEL)
 
 
 def microbatches(args, dataset, count):

@@ -31,10 +31,11 @@ def single_process_megatron():
     destroy_distributed()
 
 
-def build(*argv):
-    args = parse_args(MODEL + list(argv))
+def build(*argv, base=MODEL):
+    """Parsed arguments, trainer and (train, valid) datasets of the model family `base` names."""
+    args = parse_args(base + list(argv))
     trainer, tokenizer = build_trainer(args)
-    train, valid = data.build_datasets(args, tokenizer)
+    train, valid = trainer.family.build_datasets(args, tokenizer)
     return args, trainer, train, valid
 
 
