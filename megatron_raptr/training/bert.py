@@ -14,7 +14,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 import torch
-from megatron.core import parallel_state
 from megatron.core.datasets import helpers
 from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDataset, BERTMaskedWordPieceDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -26,7 +25,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron_raptr.flops import bert_head_forward_flops_per_token
 from megatron_raptr.layer import get_bert_raptr_layer_spec
 from megatron_raptr.training import data, tokenizer
-from megatron_raptr.training.gpt import masked_mean_loss
+from megatron_raptr.training.gpt import language_model_kwargs, masked_mean_loss
 from megatron_raptr.training.initialize import current_device
 
 # Megatron-LM's defaults; None until --model bert fills them, so that giving them to GPT is caught.
@@ -228,16 +227,10 @@ def build_datasets(args: argparse.Namespace, bert_tokenizer: BertTokenizer):
 def build_model(args: argparse.Namespace, config: TransformerConfig) -> BertModel:
     """This pipeline stage's BERT with RaPTr-gated layers (unwrapped)."""
     return BertModel(
-        config=config,
-        num_tokentypes=2 if args.bert_binary_head else 0,
         transformer_layer_spec=get_bert_raptr_layer_spec(),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
+        num_tokentypes=2 if args.bert_binary_head else 0,
         add_binary_head=args.bert_binary_head,
+        **language_model_kwargs(args, config),
     )
 
 

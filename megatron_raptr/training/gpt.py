@@ -13,11 +13,10 @@ from megatron_raptr.layer import get_gpt_raptr_block_spec
 from megatron_raptr.training.initialize import current_device
 
 
-def build_model(args: argparse.Namespace, config: TransformerConfig) -> GPTModel:
-    """This pipeline stage's GPT with RaPTr-gated layers (unwrapped)."""
-    return GPTModel(
+def language_model_kwargs(args: argparse.Namespace, config: TransformerConfig) -> dict:
+    """What Megatron-Core's GPTModel and BertModel take alike from the flags, for this pipeline stage."""
+    return dict(
         config=config,
-        transformer_layer_spec=get_gpt_raptr_block_spec(config),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -25,6 +24,11 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> GPTModel
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
     )
+
+
+def build_model(args: argparse.Namespace, config: TransformerConfig) -> GPTModel:
+    """This pipeline stage's GPT with RaPTr-gated layers (unwrapped)."""
+    return GPTModel(transformer_layer_spec=get_gpt_raptr_block_spec(config), **language_model_kwargs(args, config))
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
