@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from bench_skip import report
+from plot_metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_BENCH = ("--layers 24 --path 12 --hidden-size 2048 --seq-length 2048 --micro-batch-size 2 "
@@ -81,11 +82,6 @@ def run_bench(out_dir, gpu, timeout_s):
     return json.loads(figures.read_text()) if code == 0 else {"exit_code": code}
 
 
-def train_records(metrics_file):
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    return [r for r in records if "lm_loss" in r], [r for r in records if "val_loss" in r]
-
-
 def run_end_to_end(out_dir, gpu, timeout_s):
     """Trains uninterrupted, then the same stopped halfway (checkpoint) and resumed."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
@@ -102,8 +98,9 @@ def run_end_to_end(out_dir, gpu, timeout_s):
     codes, seconds = [code for code, _ in runs], [round(s, 1) for _, s in runs]
     if any(codes):
         return {"exit_codes": codes, "seconds": seconds}
-    full, full_eval = train_records(work / "full.jsonl")
-    resumed, _ = train_records(work / "resumed.jsonl")
+    full_run = read_metrics(work / "full.jsonl")
+    full, full_eval = full_run["train"], full_run["eval"]
+    resumed = read_metrics(work / "resumed.jsonl")["train"]
     pairs = list(zip([r["lm_loss"] for r in full], [r["lm_loss"] for r in resumed]))
     return {
         "exit_codes": codes,
@@ -129,7 +126,8 @@ def run_megatron_lm(out_dir, gpu, timeout_s):
                         *MEGATRON_LM_COMMON.split(), "--metrics-file", metrics], out_dir / "megatron_lm.log", timeout_s)
     if code:
         return {"exit_code": code, "seconds": round(seconds, 1)}
-    train, evals = train_records(metrics)
+    run = read_metrics(metrics)
+    train, evals = run["train"], run["eval"]
     return {"exit_code": code, "seconds": round(seconds, 1), "path_lengths": [r["path_length"] for r in train],
             "first_loss": train[0]["lm_loss"], "final_loss": train[-1]["lm_loss"],
             "final_val_loss": evals[-1]["val_loss"]}

@@ -187,13 +187,9 @@ def train_and_evaluate(preset: Preset, data: Dict[str, str], method: str, seed: 
     return result
 
 
-def first_reaching(metrics: Dict[str, List[dict]], target: float, key: str) -> Optional[float]:
-    """`key` (cumulative_flops or elapsed_s) at the first evaluation whose loss is <= target."""
-    by_iteration = {r["iteration"]: r for r in metrics["train"]}
-    for record in metrics["eval"]:
-        if record["val_loss"] <= target and record["iteration"] in by_iteration:
-            return by_iteration[record["iteration"]][key]
-    return None
+def first_reaching(metrics: Dict[str, List[dict]], target: float, x: str) -> Optional[float]:
+    """Cumulative FLOPs or training time (x: "flops", "time") at the first evaluation whose loss is <= target."""
+    return next((at for at, loss in plot_metrics.eval_points(metrics, x) if loss <= target), None)
 
 
 def summarize(runs: List[dict], run_dirs: Dict[tuple, Path]) -> List[dict]:
@@ -202,9 +198,8 @@ def summarize(runs: List[dict], run_dirs: Dict[tuple, Path]) -> List[dict]:
     for run in runs:
         metrics = plot_metrics.read_metrics(run_dirs[run["method"], run["seed"]] / "metrics.jsonl")
         target = baseline.get(run["seed"])
-        run["flops_to_baseline_loss"] = None if target is None else first_reaching(metrics, target,
-                                                                                   "cumulative_flops")
-        run["time_to_baseline_loss"] = None if target is None else first_reaching(metrics, target, "elapsed_s")
+        run["flops_to_baseline_loss"] = None if target is None else first_reaching(metrics, target, "flops")
+        run["time_to_baseline_loss"] = None if target is None else first_reaching(metrics, target, "time")
     return runs
 
 
