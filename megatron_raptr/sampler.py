@@ -62,10 +62,7 @@ class PathSampler:
         else:
             rng = np.random.default_rng((self.seed, iteration, _STREAM))
             active = tuple(sorted(self.schedule.fixed_layers + self._sample_free(stage, rng)))
-        if self.schedule.scaling == "inverse-keep":
-            scales = {layer: 1.0 / keep[layer] for layer in active}
-        else:
-            scales = {layer: 1.0 for layer in active}
+        scales = {layer: self.schedule.scale(keep[layer]) for layer in active}
         return Path(iteration, stage, active, scales)
 
     def keep_probabilities(self, stage: int) -> Dict[int, float]:

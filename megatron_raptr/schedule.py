@@ -3,7 +3,8 @@
 A schedule is written as ``LENGTH@START`` stages separated by commas, e.g.
 ``6@0,8@0.25,10@0.5,12@0.75``. LENGTH is the expected number of layers on the
 path; START is an iteration (an integer) or a fraction of the training
-iterations (a number with a decimal point). RaPTr's stages (``--raptr-schedule``)
+iterations (a number with a decimal point). ``auto:FRACTION`` builds RaPTr's
+stages for a budget (``growing_stages``). RaPTr's stages (``--raptr-schedule``)
 and gradual stacking's (``--stacking-schedule``, megatron_raptr/stacking.py) share
 this form and ``StagedSchedule``.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 SAMPLING_MODES = ("bernoulli", "fixed-size", "pipeline-balanced")
-SCALING_RULES = ("inverse-keep", "none")
+SCALING_RULES = ("inverse-keep", "inverse-sqrt-keep", "none")
 FLAG = "--raptr-schedule"
 
 
@@ -70,7 +71,10 @@ class RaptrSchedule(StagedSchedule):
     ``fixed_layers`` are 1-based global layer numbers that are always on the path.
     ``scaling`` is what multiplies a kept layer's residual update during training:
     ``inverse-keep`` (1 / the layer's keep probability, as in stochastic depth, so the
-    full model evaluated at any step sees the expected update training saw) or
+    full model evaluated at any step sees the expected update training saw),
+    ``inverse-sqrt-keep`` (1 / its square root: the residual stream's norm grows about
+    as the square root of the number of roughly independent updates added to it, so
+    this keeps a path's stream at the full model's scale rather than its mean) or
     ``none``. Fixed layers and the full-model stage are never scaled.
     """
 
@@ -111,16 +115,27 @@ class RaptrSchedule(StagedSchedule):
         sampling: str = "bernoulli",
         scaling: str = "inverse-keep",
     ) -> "RaptrSchedule":
-        """Parses ``LENGTH@START,...``; ``fixed_layers`` defaults to the first and last layer."""
-        stages = parse_stages(text, train_iters, FLAG)
+        """Parses ``LENGTH@START,...`` or ``auto:FRACTION``; ``fixed_layers`` defaults to the first
+        and last layer."""
         if fixed_layers is None:
             fixed_layers = sorted({1, num_layers})
+        if text.startswith("auto:"):
+            text = auto_stages(text, num_layers, len(fixed_layers))
+        stages = parse_stages(text, train_iters, FLAG)
         return cls(tuple(stages), num_layers, tuple(fixed_layers), sampling, scaling)
 
     @classmethod
     def full_model(cls, num_layers: int) -> "RaptrSchedule":
         """The baseline: every layer on the path at every step."""
         return cls((Stage(0, num_layers),), num_layers, tuple(range(1, num_layers + 1)), scaling="none")
+
+    def scale(self, keep: float) -> float:
+        """The residual-update multiplier of a kept layer whose keep probability is ``keep``."""
+        if self.scaling == "inverse-keep":
+            return 1.0 / keep
+        if self.scaling == "inverse-sqrt-keep":
+            return keep ** -0.5
+        return 1.0
 
     def keep_probability(self, stage_index: int) -> float:
         """Probability that a non-fixed layer is on the path (uniform sampling modes)."""
@@ -141,6 +156,42 @@ class RaptrSchedule(StagedSchedule):
             )
         lines.append(f"  expected layer FLOPs vs full training: {self.expected_layer_fraction(train_iters):.3f}")
         return "\n".join(lines)
+
+
+AUTO_STAGES = 4  # the shape that --raptr-schedule auto:FRACTION builds (README: "RaPTr's defaults")
+
+
+def auto_stages(text: str, num_layers: int, fixed: int) -> str:
+    """``auto:FRACTION`` as the stages of ``growing_stages`` with the default shape."""
+    try:
+        fraction = float(text[len("auto:"):])
+    except ValueError:
+        raise ValueError(f"{FLAG} auto:FRACTION needs a number, got {text!r}") from None
+    first = max(1, fixed, round((2 * fraction - 1) * num_layers))
+    return growing_stages(num_layers, fraction, AUTO_STAGES, first)
+
+
+def growing_stages(num_layers: int, fraction: float, num_stages: int, first: int) -> str:
+    """Stages ``LENGTH@START,...`` that grow the path linearly from ``first`` layers to all of them
+    in ``num_stages`` stages, spending ``fraction`` of full training's transformer-layer FLOPs.
+
+    The growing stages last equally long and the full model trains for the rest, so a stage
+    lasts ``(1 - fraction) L / sum over growing stages of (L - length)``; a first length of
+    ``(2 fraction - 1) L`` makes all stages equal (the paper's 6-8-10-12 is 0.75 of 12 layers).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"{FLAG} auto:FRACTION needs a fraction in (0, 1), got {fraction:g}")
+    if num_stages < 2 or not 1 <= first < num_layers:
+        raise ValueError(f"{FLAG}: {num_stages} stages from {first} of {num_layers} layers do not grow")
+    # Rounded to whole layers (fixed-size sampling needs them); a length rounding repeats is one stage.
+    lengths = sorted({round(first + (num_layers - first) * k / (num_stages - 1)) for k in range(num_stages)})
+    saved = sum(num_layers - length for length in lengths[:-1])
+    duration = (1.0 - fraction) * num_layers / saved
+    if duration * (len(lengths) - 1) >= 1.0:
+        lowest = 1.0 - saved / ((len(lengths) - 1) * num_layers)
+        raise ValueError(f"{FLAG}: growing from {first} of {num_layers} layers in {num_stages} stages spends at "
+                         f"least {lowest:.3f} of full training's layer FLOPs, more than {fraction:g}")
+    return ",".join(f"{length}@{k * duration:.4f}" if k else f"{length}@0" for k, length in enumerate(lengths))
 
 
 def parse_stages(text: str, train_iters: int, flag: str) -> Tuple[Stage, ...]:

@@ -76,6 +76,9 @@ def test_scaling_rules():
     assert path.scales[1] == path.scales[12] == 1.0
     assert all(path.scales[layer] == pytest.approx(10 / 4) for layer in path.active if layer not in (1, 12))
     assert set(make("bernoulli", scaling="none").path(3).scales.values()) == {1.0}
+    sqrt = make("bernoulli", scaling="inverse-sqrt-keep").path(3)
+    assert sqrt.active == path.active  # the rule changes scales, never the path
+    assert sqrt.scales == {layer: 1.0 if layer in (1, 12) else pytest.approx((4 / 10) ** -0.5) for layer in path.active}
 
 
 def test_full_model_stage_runs_every_layer_unscaled():
