@@ -47,6 +47,8 @@ def test_each_method_flag_chooses_its_method_with_defaults():
                                   "--raptr-stage-warmup-iters", "2"])
     assert (stacking.method, stacking.raptr.copy, stacking.raptr.optimizer_state) == ("stacking", "top", "fresh")
     assert stacking.method_flags == "--stacking-schedule 2@0,4@5"
+    fraction = parse_args(BASE + ["--stacking-schedule", "2@0,4@5", "--raptr-stage-warmup-fraction", "0.25"])
+    assert fraction.raptr_stage_warmup_iters == round(0.25 * fraction.train_iters) > 0
     for flags, theta, gamma in ((["--pld-theta", "0.3"], 0.3, 0.001), (["--pld-gamma", "0.1"], 0.5, 0.1)):
         pld = parse_args(BASE + flags)
         assert (pld.method, pld.raptr.theta_bar, pld.raptr.gamma) == ("pld", theta, gamma)
@@ -77,6 +79,11 @@ def test_each_method_flag_chooses_its_method_with_defaults():
     (["--raptr-stage-warmup-iters", "5"], 1, "--raptr-stage-warmup-iters needs stages: --raptr-schedule or "
                                              "--stacking-schedule"),
     (["--pld-theta", "0.5", "--raptr-stage-warmup-iters", "5"], 1, "--raptr-stage-warmup-iters needs stages"),
+    (["--raptr-stage-warmup-fraction", "0.1"], 1, "--raptr-stage-warmup-fraction needs stages"),
+    (["--raptr-schedule", "2@0", "--raptr-stage-warmup-fraction", "1.5"], 1,
+     "--raptr-stage-warmup-fraction must lie in [0, 1), got 1.5"),
+    (["--raptr-schedule", "2@0", "--raptr-stage-warmup-fraction", "0.1", "--raptr-stage-warmup-iters", "2"], 1,
+     "--raptr-stage-warmup-fraction and --raptr-stage-warmup-iters: give one"),
     (["--raptr-schedule", "2@0", "--stacking-schedule", "2@0"], 1,
      "--raptr-schedule and --stacking-schedule choose different methods"),
     (["--stacking-schedule", "2@0", "--pld-gamma", "0.1"], 1,

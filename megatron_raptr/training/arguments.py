@@ -115,6 +115,8 @@ def _add_raptr_args(parser):
     group.add_argument("--raptr-stage-warmup-iters", type=int, default=0,
                        help="re-warm the learning rate linearly over this many iterations at each stage boundary "
                             "(RaPTr and gradual stacking)")
+    group.add_argument("--raptr-stage-warmup-fraction", type=float, default=None,
+                       help="the same as a fraction of --train-iters (as --lr-warmup-fraction is of the decay)")
 
 
 def _add_stacking_args(parser):
@@ -270,6 +272,12 @@ def build_schedule(args: argparse.Namespace):
 
     Without a method flag, the full model at every step (the baseline).
     """
+    if args.raptr_stage_warmup_fraction is not None:
+        if args.raptr_stage_warmup_iters:
+            raise ValueError("--raptr-stage-warmup-fraction and --raptr-stage-warmup-iters: give one")
+        if not 0.0 <= args.raptr_stage_warmup_fraction < 1.0:
+            raise ValueError(f"--raptr-stage-warmup-fraction must lie in [0, 1), got {args.raptr_stage_warmup_fraction}")
+        args.raptr_stage_warmup_iters = round(args.raptr_stage_warmup_fraction * args.train_iters)
     given = [(method, flag) for method, flag in METHOD_FLAGS if getattr(args, flag) is not None]
     other = [flag for method, flag in given if method != given[0][0]] if given else []
     if other:
@@ -281,7 +289,8 @@ def build_schedule(args: argparse.Namespace):
     if args.raptr_verify_sync and args.method == "baseline":
         raise ValueError("--raptr-verify-sync needs a method: --raptr-schedule, --stacking-schedule or --pld-theta")
     if args.raptr_stage_warmup_iters and args.method not in ("raptr", "stacking"):
-        raise ValueError("--raptr-stage-warmup-iters needs stages: --raptr-schedule or --stacking-schedule")
+        given = "fraction" if args.raptr_stage_warmup_fraction is not None else "iters"
+        raise ValueError(f"--raptr-stage-warmup-{given} needs stages: --raptr-schedule or --stacking-schedule")
     if args.method == "stacking":
         options = {name: getattr(args, f"stacking_{name}") for name in ("copy", "optimizer_state")
                    if getattr(args, f"stacking_{name}") is not None}
