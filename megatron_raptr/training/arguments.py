@@ -115,6 +115,9 @@ def _add_raptr_args(parser):
     group.add_argument("--raptr-stage-warmup-iters", type=int, default=0,
                        help="re-warm the learning rate linearly over this many iterations at each stage boundary "
                             "(RaPTr and gradual stacking)")
+    group.add_argument("--raptr-skip-grad-comm", action=argparse.BooleanOptionalAction, default=True,
+                       help="do not reduce the gradient buckets of layers off the step's path across "
+                            "data-parallel ranks (they are zero on every rank); any method")
 
 
 def _add_stacking_args(parser):
