@@ -1,29 +1,55 @@
-"""Megatron DDP whose gradient buckets do not wait for skipped layers.
+"""Megatron DDP that neither waits for nor communicates the gradients of skipped layers.
 
-With ``overlap_grad_reduce`` Megatron launches a bucket's all-reduce (or
-reduce-scatter) once every parameter in it has reported a gradient during the
-last microbatch. A skipped layer never reports, so its buckets never launch and
+Waiting: with ``overlap_grad_reduce`` Megatron launches a bucket's all-reduce (or
+reduce-scatter) once every parameter in it has reported a gradient during the last
+microbatch. A skipped layer never reports, so its buckets never launch and
 ``finish_grad_sync`` fails. Here the skipped parameters are reported ready (their
 main_grad stays zero) as soon as the last microbatch begins, which is also the
 moment Megatron starts counting. The first step records the per-parameter counts
 every later step must reach, so the skipped parameters are reported in it too.
+
+Communicating: the path is the same on every rank, so a bucket group whose
+parameters are all off the path holds zeros on every rank, and its reduced result
+(or reduce-scatter shard) is the zeros already in place. Such groups are not
+communicated at all (``skip_idle_grad_comm``). To make that apply to every skipped
+layer, each transformer layer gets a bucket of its own where Megatron takes a
+parameter layout (``full_param_layout``, megatron-core 0.17+); older versions keep
+Megatron's size-based buckets, where only buckets entirely off the path are skipped.
+The parameter all-gather of the distributed optimizer is untouched: skipped layers
+still take an optimizer step (weight decay, Adam momentum).
 """
 
+import inspect
+import itertools
 from contextlib import contextmanager
 from typing import Iterable, Optional
 
 from megatron.core.distributed import DistributedDataParallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+TAKES_PARAM_LAYOUT = "full_param_layout" in inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 class RaptrDistributedDataParallel(DistributedDataParallel):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config, ddp_config, module, *args, skip_idle_grad_comm: bool = True, **kwargs):
+        self.skip_idle_grad_comm = skip_idle_grad_comm
+        if skip_idle_grad_comm and TAKES_PARAM_LAYOUT:
+            # Replaces the size-based layout Megatron-LM's get_model computes for the distributed optimizer.
+            kwargs["full_param_layout"] = per_layer_param_layout(
+                module, ddp_config, ProcessGroupCollection.setup_process_groups_for_ddp(
+                    kwargs.get("pg_collection"), config, ddp_config))
+        super().__init__(config, ddp_config, module, *args, **kwargs)
         self._skipped = ()
+        self._idle_groups = set()
         self._skipped_reported = False
 
     def set_skipped_parameters(self, params: Iterable) -> None:
         """Parameters of this step's off-path layers; call before the step's forward."""
         self._skipped = tuple(params)
+        skipped = set(self._skipped)
+        self._idle_groups = {group for group in self._all_bucket_groups()
+                             if self.skip_idle_grad_comm and group.params <= skipped}
 
     @contextmanager
     def no_sync(self):
@@ -32,14 +58,25 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
             yield
         self._report_skipped_ready()
 
+    def start_grad_sync(self, *unused):
+        for group in self._busy_bucket_groups():
+            group.start_grad_sync()
+
     def finish_grad_sync(self, force_all_reduce: Optional[bool] = False):
         # For loops that never enter no_sync (a single microbatch without no_sync_func).
         self._report_skipped_ready()
-        super().finish_grad_sync(force_all_reduce=force_all_reduce)
+        for group in self._busy_bucket_groups():
+            group.finish_grad_sync(force_all_reduce=force_all_reduce)
 
     def zero_grad_buffer(self):
         super().zero_grad_buffer()
         self._skipped_reported = False
+
+    def _all_bucket_groups(self):
+        return self.bucket_groups + self.expert_parallel_bucket_groups
+
+    def _busy_bucket_groups(self):
+        return [group for group in self._all_bucket_groups() if group not in self._idle_groups]
 
     def _report_skipped_ready(self):
         # Evaluation runs the full model and must not count towards a training step.
@@ -47,4 +84,47 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
             return
         self._skipped_reported = True
         for param in self._skipped:
-            self.param_to_bucket_group[param].register_grad_ready(param, self.force_all_reduce)
+            group = self.param_to_bucket_group[param]
+            # An idle group must not launch; in its first step reporting only counts (no
+            # launch), and those counts are what every later step's launch waits for.
+            if group not in self._idle_groups or group.is_first_batch:
+                group.register_grad_ready(param, self.force_all_reduce)
+
+
+def per_layer_param_layout(module, ddp_config, process_groups):
+    """Megatron's own buffer layout, applied to each transformer layer's parameters
+    (and to each run of parameters between layers) apart, then concatenated: every
+    bucket then lies within one layer. Padding and alignment are Megatron's (each part
+    ends padded, so shifting a part by the parts before it keeps them)."""
+    from megatron.core.distributed.param_and_grad_buffer import (
+        _compute_default_per_buffer_param_layout,
+        group_params_for_buffers,
+    )
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.param_layout import FullParamLayout, PerBufferParamLayout
+
+    owner = {param: layer for layer in module.modules() if isinstance(layer, TransformerLayer)
+             for param in layer.parameters()}
+    params = [param for param in module.parameters() if param.requires_grad]
+    layouts = {}
+    for key, (buffer_params, param_indices) in group_params_for_buffers(
+            params, ddp_config.grad_reduce_in_fp32).items():
+        group = process_groups["intra_expt_dp_group" if key.is_expert_parallel else "intra_dp_cp_group"]
+        shards = group.size() if ddp_config.use_distributed_optimizer else None
+        layout = PerBufferParamLayout(param_indices=param_indices, num_optimizer_shards=shards)
+        end = 0
+        # Megatron fills a buffer from its last parameter backwards (backward-pass order).
+        for _, run in itertools.groupby(reversed(buffer_params), key=owner.get):
+            run = list(run)[::-1]
+            if ddp_config.use_distributed_optimizer:
+                part = DistributedOptimizer._compute_per_buffer_param_layout(run, None, shards, ddp_config)
+            else:
+                part = _compute_default_per_buffer_param_layout(run, None)
+            first_bucket = len(layout.bucket_indices)
+            for param, (start, stop, bucket) in part.param_index_map.items():
+                layout.param_index_map[param] = (start + end, stop + end, bucket + first_bucket)
+            layout.bucket_indices += [(start + end, stop + end) for start, stop in part.bucket_indices]
+            layout.per_bucket_numel_unpadded += part.per_bucket_numel_unpadded
+            end = layout.bucket_indices[-1][1]
+        layouts[key] = layout
+    return FullParamLayout(layouts=layouts)

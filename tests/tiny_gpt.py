@@ -23,7 +23,7 @@ from megatron.core.transformer.module import Float16Module
 VOCAB, SEQ, GLOBAL_BATCH = 128, 32, 4
 
 
-def build_gpt(position_embedding_type="learned_absolute", **config_overrides):
+def build_gpt(position_embedding_type="learned_absolute", layer_spec=None, **config_overrides):
     """The unwrapped GPTModel of this rank's pipeline stage and its config."""
     config = TransformerConfig(
         num_layers=4,
@@ -39,7 +39,7 @@ def build_gpt(position_embedding_type="learned_absolute", **config_overrides):
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=layer_spec or get_gpt_layer_local_spec(),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         position_embedding_type=position_embedding_type,
@@ -51,18 +51,21 @@ def build_gpt(position_embedding_type="learned_absolute", **config_overrides):
     return model, config
 
 
-def wrap(model, config, use_distributed_optimizer=False, overlap_grad_reduce=False):
-    """Megatron DDP around `model` plus an Adam optimizer (bf16 with fp32 main weights if
-    config.bf16, else fp32); sets the training-loop hooks on `config`."""
+def wrap(model, config, use_distributed_optimizer=False, overlap_grad_reduce=False,
+         ddp_class=DistributedDataParallel, bucket_size=None, **ddp_kwargs):
+    """Megatron DDP (or `ddp_class`, given `ddp_kwargs`) around `model` plus an Adam optimizer
+    (bf16 with fp32 main weights if config.bf16, else fp32); sets the training-loop hooks on `config`."""
     if config.bf16:
         model = Float16Module(config, model)
-    ddp = DistributedDataParallel(
+    ddp = ddp_class(
         config=config,
         ddp_config=DistributedDataParallelConfig(
             use_distributed_optimizer=use_distributed_optimizer,
             overlap_grad_reduce=overlap_grad_reduce,
+            bucket_size=bucket_size,
         ),
         module=model,
+        **ddp_kwargs,
     )
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -100,13 +103,14 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def train(ddp, optimizer, config, batch, steps):
+def train(ddp, optimizer, config, batch, steps, before_step=lambda step: None):
     """Run `steps` optimizer steps on this DP rank's `batch`, one sequence per
-    microbatch. Returns each step's loss averaged over data-parallel ranks on the last
-    pipeline stage, None on other stages."""
+    microbatch, calling before_step(step) first. Returns each step's loss averaged over
+    data-parallel ranks on the last pipeline stage, None on other stages."""
     forward_backward = get_forward_backward_func()
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        before_step(step)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         outputs = forward_backward(

@@ -117,6 +117,9 @@ def _add_raptr_args(parser):
                             "(RaPTr and gradual stacking)")
     group.add_argument("--raptr-stage-warmup-fraction", type=float, default=None,
                        help="the same as a fraction of --train-iters (as --lr-warmup-fraction is of the decay)")
+    group.add_argument("--raptr-skip-grad-comm", action=argparse.BooleanOptionalAction, default=True,
+                       help="do not reduce the gradient buckets of layers off the step's path across "
+                            "data-parallel ranks (they are zero on every rank); any method")
 
 
 def _add_stacking_args(parser):

@@ -84,7 +84,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[tor
         overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    ddp = RaptrDistributedDataParallel(config, ddp_config, model)
+    ddp = RaptrDistributedDataParallel(config, ddp_config, model, skip_idle_grad_comm=args.raptr_skip_grad_comm)
     return [ddp]
 
 
