@@ -130,3 +130,11 @@ def test_tensorboard_dir_without_tensorboard_is_refused(tmp_path, capsys, monkey
     with pytest.raises(SystemExit):
         parse_args(BASE + ["--tensorboard-dir", str(tmp_path / "tb")])
     assert "--tensorboard-dir needs the tensorboard package" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--enable-cuda-graph"], ["--external-cuda-graph"], ["--cuda-graph-impl", "local"]])
+def test_cuda_graphs_are_not_accepted(flag, capsys):
+    """A replayed CUDA graph runs the layers it captured, whatever the step's path: no flag asks for one."""
+    with pytest.raises(SystemExit):
+        parse_args(BASE + flag)
+    assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
