@@ -297,9 +297,9 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
 def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[ExitSignalHandler]) -> Optional[float]:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            args.distributed_timeout_minutes)
-    fallbacks = megatron_fallbacks()
+    fallbacks = megatron_fallbacks(args.unfused)
     if fallbacks:
-        log(f"Transformer Engine/Apex not installed; Megatron-Core uses: {', '.join(fallbacks)}")
+        log(f"Megatron-Core uses: {', '.join(fallbacks)}")
     trainer, tokenizer = build_trainer(args, hooks or [])
     state = TrainState()
     if args.load:
