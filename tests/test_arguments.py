@@ -25,7 +25,7 @@ POSITIVE = ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-len
             "--train-iters", "--log-interval", "--eval-interval", "--make-vocab-size-divisible-by",
             "--ffn-hidden-size", "--max-position-embeddings", "--global-batch-size", "--lr-decay-iters",
             "--save-interval", "--exit-interval"]
-NOT_NEGATIVE = ["--raptr-verify-sync", "--raptr-stage-warmup-iters", "--eval-iters", "--lr-warmup-iters"]
+NOT_NEGATIVE = ["--raptr-verify-sync", "--raptr-stage-warmup-iters", "--eval-iters", "--lr-warmup-iters", "--num-workers"]
 
 
 @pytest.mark.parametrize("fixed, expected", [(["1,4"], (1, 4)), (["1", "4"], (1, 4)), (["1,", "3,4"], (1, 3, 4)),

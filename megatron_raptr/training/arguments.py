@@ -246,7 +246,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--multiple-validation-sets needs --valid-data-path PREFIX [PREFIX ...]")
     if args.multiple_validation_sets and data.parse_blend(args.valid_data_path, "--valid-data-path")[1]:
         raise ValueError("--multiple-validation-sets: give --valid-data-path prefixes without weights")
-    for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
+    for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters", "num_workers"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
     for flag, directory in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir),
