@@ -33,12 +33,19 @@ class RaptrTransformerLayer(TransformerLayer):
         self.raptr_active = True
         self.raptr_scale = 1.0
         self.raptr_gates_eval = False
+        self.raptr_ends_stage = False  # its output is its pipeline stage's (set by PathSetter)
 
     def forward(self, *args, **kwargs):
         if not self.training and not self.raptr_gates_eval:
             return super().forward(*args, **kwargs)
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if not self.raptr_active:
+            if self.raptr_ends_stage and self.config.deallocate_pipeline_outputs:
+                # Megatron's schedule frees a sent output's storage and refuses views
+                # (deallocate_output_tensor). Handed on, the input would be the stage's received input
+                # (all its layers skipped: freed with it) or, under activation recompute, a view of an
+                # earlier output (the checkpoint returns its input as one). A copy is what gets freed.
+                hidden_states = hidden_states.clone()
             return hidden_states, kwargs.get("context")
         output, context = super().forward(*args, **kwargs)
         if self.raptr_scale != 1.0:
@@ -119,6 +126,9 @@ class PathSetter:
                           for layers in self.layers.values() for layer in layers}
         if not any(self.layers.values()):
             raise ValueError("the model has no RaptrTransformerLayer: build it with get_gpt_raptr_layer_spec()")
+        for layers in self.layers.values():
+            if layers:
+                layers[-1].raptr_ends_stage = True
         for chunk in self.chunks:
             overlapped = isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.overlap_grad_reduce
             if overlapped and not isinstance(chunk, RaptrDistributedDataParallel):

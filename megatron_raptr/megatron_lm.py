@@ -123,6 +123,10 @@ def _check_args(args) -> None:
     if args.virtual_pipeline_model_parallel_size is not None:
         raise ValueError("RaPTr does not support virtual pipeline stages "
                          "(--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank)")
+    if args.cuda_graph_impl != "none":  # --enable-cuda-graph and --external-cuda-graph set it too
+        raise ValueError(f"RaPTr does not run under CUDA graphs (--cuda-graph-impl {args.cuda_graph_impl}; "
+                         "--enable-cuda-graph and --external-cuda-graph set it too): a replayed graph runs the "
+                         "layers it captured, whatever the step's path")
     if args.train_iters is None:
         raise ValueError("RaPTr schedules are in iterations: use --train-iters, not --train-samples")
     if args.spec is not None and import_module(args.spec) is not gpt_layer_spec:

@@ -25,7 +25,7 @@ POSITIVE = ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-len
             "--train-iters", "--log-interval", "--eval-interval", "--make-vocab-size-divisible-by",
             "--ffn-hidden-size", "--max-position-embeddings", "--global-batch-size", "--lr-decay-iters",
             "--save-interval", "--exit-interval"]
-NOT_NEGATIVE = ["--raptr-verify-sync", "--raptr-stage-warmup-iters", "--eval-iters", "--lr-warmup-iters"]
+NOT_NEGATIVE = ["--raptr-verify-sync", "--raptr-stage-warmup-iters", "--eval-iters", "--lr-warmup-iters", "--num-workers"]
 
 
 @pytest.mark.parametrize("fixed, expected", [(["1,4"], (1, 4)), (["1", "4"], (1, 4)), (["1,", "3,4"], (1, 3, 4)),
@@ -137,3 +137,48 @@ def test_tensorboard_dir_without_tensorboard_is_refused(tmp_path, capsys, monkey
     with pytest.raises(SystemExit):
         parse_args(BASE + ["--tensorboard-dir", str(tmp_path / "tb")])
     assert "--tensorboard-dir needs the tensorboard package" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--enable-cuda-graph"], ["--external-cuda-graph"], ["--cuda-graph-impl", "local"]])
+def test_cuda_graphs_are_not_accepted(flag, capsys):
+    """A replayed CUDA graph runs the layers it captured, whatever the step's path: no flag asks for one."""
+    with pytest.raises(SystemExit):
+        parse_args(BASE + flag)
+    assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
+
+
+def test_fusions_default_to_what_the_machine_runs(monkeypatch):
+    from megatron_raptr.training import model
+
+    args = parse_args(BASE + ["--position-embedding-type", "rope"])  # this machine: no CUDA
+    assert args.unfused == dict.fromkeys(["gradient accumulation", "masked softmax", "bias-GeLU",
+                                          "bias-dropout-add", "RoPE"], "needs CUDA")
+    config = model.transformer_config(args)
+    assert not (config.gradient_accumulation_fusion or config.masked_softmax_fusion or config.bias_activation_fusion
+                or config.bias_dropout_fusion or config.apply_rope_fusion)
+    assert config.deallocate_pipeline_outputs is False  # Megatron-LM frees sent outputs only under PP
+    assert model.transformer_config(parse_args(BASE + ["--pipeline-model-parallel-size", "2"], world_size=2)
+                                    ).deallocate_pipeline_outputs
+    # A GPU without Apex or Transformer Engine: the torch-compiled fusions, not the extensions.
+    monkeypatch.setattr(model, "unavailable_fusions", lambda: {
+        "--gradient-accumulation-fusion": "needs Apex", "--masked-softmax-fusion": "needs kernels"})
+    args = parse_args(BASE + ["--no-bias-dropout-fusion"])
+    assert args.unfused == {"gradient accumulation": "needs Apex", "masked softmax": "needs kernels"}
+    config = model.transformer_config(args)
+    assert config.bias_activation_fusion and not config.bias_dropout_fusion and not config.gradient_accumulation_fusion
+    swiglu = parse_args(BASE + ["--swiglu", "--no-bias-swiglu-fusion"])
+    assert not model.transformer_config(swiglu).bias_activation_fusion and "bias-SwiGLU" not in swiglu.unfused
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gradient-accumulation-fusion"], "--gradient-accumulation-fusion: needs CUDA"),
+    (["--masked-softmax-fusion"], "--masked-softmax-fusion: needs CUDA"),
+    (["--bias-gelu-fusion"], "--bias-gelu-fusion: needs CUDA"),
+    (["--bias-dropout-fusion"], "--bias-dropout-fusion: needs CUDA"),
+    (["--rope-fusion"], "--rope-fusion: needs --position-embedding-type rope"),
+    (["--bias-swiglu-fusion"], "--bias-swiglu-fusion: needs --swiglu"),
+])
+def test_fusions_asked_for_where_they_cannot_run_name_the_flag(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(BASE + extra)
+    assert message in capsys.readouterr().err

@@ -18,6 +18,8 @@ from megatron_raptr.training.data import (
     add_data_args,
     build_data_iterator,
     build_datasets,
+    check_token_ids,
+    stage_batch,
     validate_data_args,
 )
 from megatron_raptr.training.tokenizer import (
@@ -129,8 +131,8 @@ def datasets(corpus):
     return build_datasets(args, corpus["tokenizer"])
 
 
-def batches(dataset, mbs, rank, dp, consumed, count):
-    iterator = build_data_iterator(dataset, mbs, rank, dp, consumed)
+def batches(dataset, mbs, rank, dp, consumed, count, num_workers=0):
+    iterator = build_data_iterator(dataset, mbs, rank, dp, consumed, num_workers)
     return [next(iterator) for _ in range(count)]
 
 
@@ -145,9 +147,12 @@ def test_iterator_resumes_exactly(datasets):
     for dp in (1, 2):
         for rank in range(dp):
             uninterrupted = batches(train_ds, 2, rank, dp, 0, 6)
-            resumed = batches(train_ds, 2, rank, dp, 3 * 2 * dp, 3)
+            resumed = batches(train_ds, 2, rank, dp, 3 * 2 * dp, 3, num_workers=2)  # worker processes: the same
             for a, b in zip(uninterrupted[3:], resumed):
                 assert_same(a, b)
+    expected = [train_ds[i] for i in (10, 11)]  # the second rank's samples of the third step under DP=2
+    for key, value in batches(train_ds, 2, 1, 2, 2 * 4, 1, num_workers=2)[0].items():
+        assert torch.equal(value, torch.stack([torch.as_tensor(sample[key]) for sample in expected])), key
 
 
 def test_data_parallel_slices_partition_the_batch(datasets):
@@ -157,7 +162,6 @@ def test_data_parallel_slices_partition_the_batch(datasets):
         halves = [batches(dataset, 2, rank, 2, 0, 3) for rank in range(2)]
         for step, batch in enumerate(whole):
             assert batch["tokens"].shape == (4, SEQ)
-            assert batch["attention_mask"].shape == (4, 1, SEQ, SEQ)
             for key in batch:
                 joined = torch.cat([halves[0][step][key], halves[1][step][key]])
                 assert torch.equal(batch[key], joined), key
@@ -278,10 +282,40 @@ def test_prefix_given_with_a_suffix(corpus, suffix):
 
 def test_tokenizer_smaller_than_data_vocabulary(corpus):
     args = real_args(corpus, "--data-path", corpus["prefix"])
+    check_token_ids(args)  # the data's own tokenizer
     args.tokenizer_model = corpus["small_model"]
-    message = error_for(args)
+    validate_data_args(args)  # reads only the .idx files
+    with pytest.raises(ValueError) as info:
+        check_token_ids(args)
+    message = str(info.value)
     assert "--tokenizer-model" in message and corpus["small_model"] in message
     assert corpus["prefix"] + ".bin" in message and "400 ids" in message
+
+
+def _check_token_ids_on_each_rank(args):
+    """(this rank's reads of .bin files, its error message) under torch.distributed."""
+    from megatron_raptr.training import data
+    from megatron_raptr.training.initialize import destroy_distributed, initialize_distributed
+
+    initialize_distributed()
+    scans, scan = [], data._check_token_ids
+    data._check_token_ids = lambda args: scan(scans.append(args) or args)
+    try:
+        data.check_token_ids(args)
+        return len(scans), None
+    except ValueError as error:
+        return len(scans), str(error)
+    finally:
+        destroy_distributed()
+
+
+def test_one_rank_reads_the_token_ids_and_tells_the_others(corpus):
+    from tests.distributed import run_distributed
+
+    args = real_args(corpus, "--data-path", corpus["prefix"], "--tokenizer-model", corpus["small_model"])
+    (scans0, error0), (scans1, error1) = run_distributed(_check_token_ids_on_each_rank, 2, args)
+    assert (scans0, scans1) == (1, 0)
+    assert error0 == error1 and "400 ids" in error0
 
 
 @pytest.mark.parametrize(
@@ -329,3 +363,31 @@ def test_preprocess_failure_leaves_no_output(corpus, tmp_path):
              "SentencePieceTokenizer", "--tokenizer-model", corpus["model"]]
         )  # fmt: skip
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_no_attention_mask_unless_documents_reset_it(corpus):
+    """Attention is causal and makes its own mask: the data has one only for --reset-attention-mask."""
+    for argv, mask in (((), False), (("--no-create-attention-mask-in-dataloader",), False),
+                       (("--reset-attention-mask",), True)):
+        args = real_args(corpus, "--data-path", corpus["prefix"], "--split", "90,10,0", *argv)
+        train_ds, _ = build_datasets(args, corpus["tokenizer"])
+        assert ("attention_mask" in train_ds[0]) == mask, argv
+
+
+@pytest.mark.parametrize("first, last, keys", [
+    (True, True, {"tokens", "position_ids", "labels", "loss_mask"}),
+    (True, False, {"tokens", "position_ids"}),
+    (False, True, {"labels", "loss_mask"}),
+    (False, False, set()),
+])
+def test_each_pipeline_stage_gets_the_keys_it_uses(monkeypatch, first, last, keys):
+    from megatron.core import parallel_state
+
+    monkeypatch.setattr(parallel_state, "is_pipeline_first_stage", lambda *args, **kwargs: first)
+    monkeypatch.setattr(parallel_state, "is_pipeline_last_stage", lambda *args, **kwargs: last)
+    batch = {key: torch.zeros(2, SEQ) for key in ("tokens", "position_ids", "labels", "loss_mask")}
+    gpt_keys = dict(first_stage=("tokens", "position_ids"), last_stage=("labels", "loss_mask"),
+                    every_stage=("attention_mask",))
+    assert set(stage_batch(iter([batch]), **gpt_keys)) == keys
+    masked = dict(batch, attention_mask=torch.zeros(2, 1, SEQ, SEQ, dtype=torch.bool))
+    assert set(stage_batch(iter([masked]), **gpt_keys)) == keys | {"attention_mask"}

@@ -51,3 +51,27 @@ def test_skipped_layers_launch_no_kernels():
     dense_kernels = kernels_of_a_training_step(gpt(3, dense_spec))
     assert len(raptr_kernels) == len(dense_kernels)
     assert raptr_kernels == dense_kernels
+
+
+def test_batches_come_pinned_and_reach_the_gpu_without_a_blocking_copy():
+    """The loader pins batches (workers collate them), so stage_batch's non_blocking copies are asynchronous."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+
+    from megatron_raptr.training import data
+    from megatron_raptr.training.tokenizer import build_tokenizer
+
+    initialize_distributed(1, 1)
+    try:
+        args = data.add_data_args(__import__("argparse").ArgumentParser()).parse_args(
+            ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"])
+        config = GPTDatasetConfig(random_seed=1, sequence_length=32, blend=None, blend_per_split=None, split=None,
+                                  path_to_cache=None, tokenizer=build_tokenizer(args), reset_position_ids=False,
+                                  reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+        dataset = MockGPTDataset(None, "train", 64, None, "train", config)
+        iterator = data.build_data_iterator(dataset, 4, 0, 1, 0, num_workers=2)
+        batch = next(iterator)
+        assert all(value.is_pinned() for value in batch.values())
+        on_gpu = data.stage_batch(iter([batch]), ("tokens", "position_ids"), ("labels", "loss_mask"))
+        assert all(value.is_cuda for value in on_gpu.values()) and len(on_gpu) == 4
+    finally:
+        destroy_distributed()

@@ -159,6 +159,9 @@ def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
     (["--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"], {}, "--spec"),
     (["--raptr-schedule", "2@0,5@4"], {}, "--num-layers"),
     (["--pld-theta", "0.5"], {}, "--pld-theta: in Megatron-LM's loop only RaPTr"),
+    (["--cuda-graph-impl", "local"], {}, "CUDA graphs \\(--cuda-graph-impl local"),
+    (["--enable-cuda-graph"], {}, "CUDA graphs \\(--cuda-graph-impl local; --enable-cuda-graph"),
+    (["--external-cuda-graph"], {}, "CUDA graphs \\(--cuda-graph-impl transformer_engine"),
 ])
 def test_refuses_what_raptr_cannot_run_before_any_work(flags, settings, message):
     """FSDP would never reduce skipped layers' shards; Megatron's own spec has no gated layers."""

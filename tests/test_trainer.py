@@ -144,3 +144,17 @@ def test_baseline_trains_as_plain_megatron_core():
     losses = [trainer.train_step(state, iterator)["lm_loss"] for _ in range(args.train_iters)]
     assert losses == pytest.approx(expected, rel=1e-5)
     assert losses[-1] < losses[0]
+
+
+def test_causal_attention_needs_no_mask_from_the_data():
+    """The data carries no attention mask (tests/test_data.py); the model's causal attention then
+    masks exactly as the dense causal mask did."""
+    args, trainer, train, _ = build()
+    batch = microbatches(args, train, 1)[0]
+    assert "attention_mask" not in batch
+    causal = torch.triu(torch.ones(1, 1, args.seq_length, args.seq_length, dtype=torch.bool), diagonal=1)
+    model = trainer.model[0].eval()
+    with torch.no_grad():
+        assert model_loss(model, batch) == model_loss(model, dict(batch, attention_mask=causal))
+        leaky = torch.zeros_like(causal)  # no mask at all: the loss changes, so the comparison means something
+        assert model_loss(model, batch) != model_loss(model, dict(batch, attention_mask=leaky))

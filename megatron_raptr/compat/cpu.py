@@ -85,6 +85,10 @@ _CUDA_TYPE_NAMES = {
     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
 }
 
+# Why Megatron-LM's fusions (model.FUSIONS) are off without CUDA: their kernels are CUDA
+# extensions or torch.compile'd for the GPU.
+NO_FUSED_KERNELS = "needs CUDA"
+
 _installed = False
 _training_installed = False
 

@@ -10,7 +10,7 @@ from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
 from megatron_raptr.stacking import COPY_MODES, OPTIMIZER_STATES, StackingSchedule
 from megatron_raptr.training import bert, data
 from megatron_raptr.training.family import FAMILIES, model_family
-from megatron_raptr.training.model import padded_vocab_size
+from megatron_raptr.training.model import FUSIONS, padded_vocab_size, resolve_fusions
 
 # DeepSpeed's progressive layer drop defaults (Zhang and He's setting).
 PLD_THETA, PLD_GAMMA = 0.5, 0.001
@@ -50,6 +50,13 @@ def _add_parallel_args(parser):
     group.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     group.add_argument("--recompute-num-layers", type=int, default=1)
     group.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+
+def _add_fusion_args(parser):
+    group = parser.add_argument_group("GPU fusions (Megatron-LM's; default: on where CUDA and the kernels are there)")
+    for flag, (dest, fused) in FUSIONS.items():
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"fuse {fused}; asking for it where it cannot run is an error")
 
 
 def _add_training_args(parser):
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="RaPTr GPT and BERT pretraining on Megatron-Core", allow_abbrev=False)
     _add_model_args(parser)
     _add_parallel_args(parser)
+    _add_fusion_args(parser)
     _add_training_args(parser)
     _add_logging_args(parser)
     _add_raptr_args(parser)
@@ -216,6 +224,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive")
     bert.validate_args(args)
+    args.unfused = resolve_fusions(args)  # what the one line of Megatron fallbacks names
     if args.overlap_grad_reduce and args.data_parallel_size == 1:
         args.overlap_grad_reduce = False  # nothing to overlap with
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
@@ -242,7 +251,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--multiple-validation-sets needs --valid-data-path PREFIX [PREFIX ...]")
     if args.multiple_validation_sets and data.parse_blend(args.valid_data_path, "--valid-data-path")[1]:
         raise ValueError("--multiple-validation-sets: give --valid-data-path prefixes without weights")
-    for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters"):
+    for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters", "num_workers"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
     for flag, directory in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir),

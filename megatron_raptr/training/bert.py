@@ -26,7 +26,6 @@ from megatron_raptr.flops import bert_head_forward_flops_per_token
 from megatron_raptr.layer import get_bert_raptr_layer_spec
 from megatron_raptr.training import data, tokenizer
 from megatron_raptr.training.gpt import language_model_kwargs, masked_mean_loss
-from megatron_raptr.training.initialize import current_device
 
 # Megatron-LM's defaults; None until --model bert fills them, so that giving them to GPT is caught.
 _DEFAULTS = {"mask_prob": 0.15, "short_seq_prob": 0.1, "bert_binary_head": True}
@@ -235,9 +234,11 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> BertMode
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    batch = {key: value.to(current_device()) for key, value in next(data_iterator).items()}
-    output = model(batch["text"], batch["padding_mask"], tokentype_ids=batch.get("types"), lm_labels=batch["labels"])
-    return output, partial(_loss, batch["loss_mask"], batch.get("is_random"))
+    batch = data.stage_batch(data_iterator, first_stage=("text", "types"), last_stage=("labels", "loss_mask", "is_random"),
+                             every_stage=("padding_mask",))  # every stage's attention needs the padding mask
+    output = model(batch.get("text"), batch["padding_mask"], tokentype_ids=batch.get("types"),
+                   lm_labels=batch.get("labels"))
+    return output, partial(_loss, batch.get("loss_mask"), batch.get("is_random"))
 
 
 def _loss(loss_mask: torch.Tensor, sentence_order, output):

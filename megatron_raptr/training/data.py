@@ -1,9 +1,11 @@
 """Training data: Megatron-LM data flags, early checks, megatron-core datasets, batches.
 
-Flow: `add_data_args(parser)` -> `validate_data_args(args)` (before any work, on every rank)
--> `build_datasets(args, tokenizer)` (megatron-core BlendedMegatronDatasetBuilder + GPTDataset;
+Flow: `add_data_args(parser)` -> `validate_data_args(args)` (before any work, on every rank; reads
+the .idx files) -> `check_token_ids(args)` (after torch.distributed starts: one rank reads the .bin
+files) -> `build_datasets(args, tokenizer)` (megatron-core BlendedMegatronDatasetBuilder + GPTDataset;
 call it on every rank: with torch.distributed initialised rank 0 builds the index cache first and
-the others wait at a barrier) -> `build_data_iterator(...)` per data-parallel rank.
+the others wait at a barrier) -> `build_data_iterator(...)` per data-parallel rank -> `stage_batch(...)`
+in the forward step.
 
 The trainer's own arguments define --seq-length, --seed, --micro-batch-size, --global-batch-size,
 --train-iters, --eval-iters and --eval-interval.
@@ -17,6 +19,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
@@ -30,6 +34,7 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from megatron_raptr.training.initialize import current_device
 from megatron_raptr.training.tokenizer import add_tokenizer_args, build_tokenizer
 
 Blend = Tuple[List[str], Optional[List[float]]]
@@ -87,7 +92,14 @@ def add_data_args(parser):
         "--no-create-attention-mask-in-dataloader",
         action="store_false",
         dest="create_attention_mask_in_dataloader",
-        help="Do not put a [1, s, s] causal mask in each sample (attention builds its own).",
+        help="No [1, s, s] mask in each sample. Without --reset-attention-mask there is none anyway: "
+        "attention is causal and builds its own.",
+    )
+    group.add_argument(
+        "--num-workers",
+        type=int,
+        default=2,
+        help="Data loader worker processes per rank (0: load in the training process).",
     )
     add_tokenizer_args(parser)
     return parser
@@ -160,15 +172,13 @@ def check_split_parts(split: str, prefix: str, usable: np.ndarray, what: str = "
                 )
 
 
-def check_indexed_dataset(
-    prefix: str, flag: str, vocab_size: Optional[int] = None, tokenizer_flag: str = "tokenizer"
-) -> np.ndarray:
+def check_indexed_dataset(prefix: str, flag: str) -> Tuple[np.ndarray, np.dtype]:
     """Raise ValueError naming `flag` and the file unless PREFIX.bin/.idx form a sound dataset.
 
     Checks the .idx header and that its sizes, sequence pointers and document boundaries agree
-    with each other and with the .bin length, that it holds tokens, and with `vocab_size`, that
-    every token id in the .bin is below it (the data was made with this tokenizer). Reads
-    through memory maps. Returns the sequence lengths (memory-mapped).
+    with each other and with the .bin length, and that it holds tokens. Reads the .idx through
+    memory maps; of the .bin only its size. Returns the sequence lengths (memory-mapped) and the
+    token dtype.
     """
     for suffix in (".bin", ".idx"):
         if prefix.endswith(suffix):
@@ -228,34 +238,30 @@ def check_indexed_dataset(
             f"({ends[-1] // dtype.itemsize} tokens of {dtype.name}): the pair is truncated or "
             f"mismatched; rerun tools/preprocess_data.py"
         )
-    if vocab_size is not None:
-        max_id = int(np.memmap(bin_path, dtype, "r").max())
-        if max_id >= vocab_size:
-            raise ValueError(
-                f"{flag}: {bin_path} holds token id {max_id}, but the tokenizer "
-                f"({tokenizer_flag}) has only {vocab_size} ids: the data was made with another "
-                f"tokenizer"
-            )
-    return lengths
+    return lengths, dtype
 
 
-def validate_data_args(args) -> int:
-    """Raise ValueError, naming the flag and the file, for data flags that cannot work.
-
-    Loads the tokenizer once and returns its vocabulary size; reads every dataset's .idx and
-    .bin (memory-mapped; the token-id scan reads the whole .bin once).
-    """
-    vocab_size = build_tokenizer(args).vocab_size  # also checks the tokenizer flags and file
+def _given_data_flags(args) -> List[Tuple[str, Sequence[str]]]:
     flags = {
         "--data-path": args.data_path,
         "--train-data-path": args.train_data_path,
         "--valid-data-path": args.valid_data_path,
     }
-    given = [(flag, values) for flag, values in flags.items() if values]
+    return [(flag, values) for flag, values in flags.items() if values]
+
+
+def validate_data_args(args) -> None:
+    """Raise ValueError, naming the flag and the file, for data flags that cannot work.
+
+    Loads the tokenizer (checking its flags and file) and reads every dataset's .idx; the token
+    ids in the .bin files are check_token_ids's.
+    """
+    build_tokenizer(args)
+    given = _given_data_flags(args)
     if args.mock_data:
         if given:
             raise ValueError(f"--mock-data cannot be combined with {given[0][0]}")
-        return vocab_size
+        return
     if not given:
         raise ValueError(
             "no training data: give --data-path PREFIX [...], or --train-data-path with "
@@ -268,17 +274,52 @@ def validate_data_args(args) -> int:
     elif not args.train_data_path:
         raise ValueError("--valid-data-path needs --train-data-path")
 
+    for flag, values in given:
+        for prefix in parse_blend(values, flag)[0]:
+            lengths, _ = check_indexed_dataset(prefix, flag)
+            if flag == "--data-path":
+                check_split_parts(args.split, prefix, lengths)
+
+
+def check_token_ids(args) -> None:
+    """Raise ValueError, naming the flag and the file, where a .bin file holds a token id the
+    tokenizer does not have (the data was made with another tokenizer). After validate_data_args.
+
+    This reads every .bin file whole: one rank does, and with torch.distributed initialised (call
+    it on every rank) it sends its verdict to the others, so a job reads the data once, not once
+    per rank.
+    """
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            _check_token_ids(args)
+        except ValueError as found:
+            error = str(found)
+    if dist.is_initialized():
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise ValueError(error)
+
+
+def _check_token_ids(args) -> None:
+    vocab_size = build_tokenizer(args).vocab_size
     if args.tokenizer_type == "NullTokenizer":
         tokenizer_flag = f"NullTokenizer --vocab-size {args.vocab_size}"
     else:
         tokenizer_flag = f"--tokenizer-model {args.tokenizer_model}"
-    for flag, values in given:
-        prefixes, _ = parse_blend(values, flag)
-        for prefix in prefixes:
-            lengths = check_indexed_dataset(prefix, flag, vocab_size, tokenizer_flag)
-            if flag == "--data-path":
-                check_split_parts(args.split, prefix, lengths)
-    return vocab_size
+    for flag, values in [] if args.mock_data else _given_data_flags(args):
+        for prefix in parse_blend(values, flag)[0]:
+            _, dtype = check_indexed_dataset(prefix, flag)
+            bin_path = get_bin_path(prefix)
+            max_id = int(np.memmap(bin_path, dtype, "r").max())
+            if max_id >= vocab_size:
+                raise ValueError(
+                    f"{flag}: {bin_path} holds token id {max_id}, but the tokenizer "
+                    f"({tokenizer_flag}) has only {vocab_size} ids: the data was made with another "
+                    f"tokenizer"
+                )
 
 
 def dataset_sizes(args) -> List[int]:
@@ -293,15 +334,17 @@ def build_datasets(args, tokenizer):
 
     valid_ds is None when nothing is held out (--split with a zero valid weight, or
     --train-data-path without --valid-data-path). Each sample is a dict of tensors: tokens,
-    labels, loss_mask, position_ids and (unless --no-create-attention-mask-in-dataloader)
-    attention_mask. Works without torch.distributed; with it, call on every rank.
+    labels, loss_mask, position_ids and, with --reset-attention-mask (unless
+    --no-create-attention-mask-in-dataloader), attention_mask: otherwise the mask would be the
+    causal one, which attention builds itself. Works without torch.distributed; with it, call on
+    every rank.
     """
     config = GPTDatasetConfig(
         **blend_config(args, tokenizer),
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
+        create_attention_mask=args.reset_attention_mask and args.create_attention_mask_in_dataloader,
     )
     return build_split_datasets(MockGPTDataset if config.mock else GPTDataset, config, args)
 
@@ -378,6 +421,7 @@ def build_data_iterator(
     data_parallel_rank: int,
     data_parallel_size: int,
     consumed_samples: int,
+    num_workers: int = 0,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Micro-batches of `dataset` for one data-parallel rank, in Megatron-LM's pretraining order.
 
@@ -390,7 +434,9 @@ def build_data_iterator(
     For evaluation, build a fresh iterator with consumed_samples=0 each time, so that every
     evaluation sees the same batches.
 
-    Each micro-batch is a dict of the samples' tensors stacked along a new leading batch dim.
+    Each micro-batch is a dict of the samples' tensors stacked along a new leading batch dim,
+    made by `num_workers` loader processes (0: by this one), in pinned memory where there is CUDA,
+    so that stage_batch's copies to the GPU do not wait.
     """
     if not 0 <= data_parallel_rank < data_parallel_size:
         raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
@@ -399,17 +445,50 @@ def build_data_iterator(
             f"need micro_batch_size > 0 and consumed_samples >= 0, got {micro_batch_size}, "
             f"{consumed_samples}"
         )
-    return _micro_batches(
-        dataset, micro_batch_size, data_parallel_rank, data_parallel_size, consumed_samples
+    batches = _PretrainingBatches(
+        len(dataset), micro_batch_size, data_parallel_rank, data_parallel_size, consumed_samples
+    )
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
     )
 
 
-def _micro_batches(dataset, micro_batch_size, data_parallel_rank, data_parallel_size, start):
-    step = micro_batch_size * data_parallel_size
-    first = data_parallel_rank * micro_batch_size
-    for group in range(start, len(dataset) - step + 1, step):
-        samples = [dataset[group + first + i] for i in range(micro_batch_size)]
-        yield {
-            key: torch.stack([torch.as_tensor(sample[key]) for sample in samples])
-            for key in samples[0]
-        }
+class _PretrainingBatches:
+    """The sample indices of each micro-batch (a DataLoader batch sampler): build_data_iterator's order."""
+
+    def __init__(self, num_samples, micro_batch_size, data_parallel_rank, data_parallel_size, start):
+        self.num_samples, self.micro_batch_size, self.start = num_samples, micro_batch_size, start
+        self.step = micro_batch_size * data_parallel_size
+        self.first = data_parallel_rank * micro_batch_size
+
+    def __iter__(self):
+        for group in range(self.start, self.num_samples - self.step + 1, self.step):
+            yield list(range(group + self.first, group + self.first + self.micro_batch_size))
+
+
+def stage_batch(
+    data_iterator: Iterator[Dict[str, torch.Tensor]],
+    first_stage: Sequence[str],
+    last_stage: Sequence[str],
+    every_stage: Sequence[str] = (),
+) -> Dict[str, torch.Tensor]:
+    """The next micro-batch's tensors that this pipeline stage uses, on its device.
+
+    As Megatron-LM's get_batch: the first stage takes the `first_stage` keys (the embedding's
+    inputs), the last stage the `last_stage` keys (the loss's), every stage `every_stage` (masks
+    attention needs) where the batch has them. The copies do not make the host wait for the GPU
+    (non_blocking, from the loader's pinned memory).
+    """
+    batch = next(data_iterator)
+    keys = list(every_stage)
+    if parallel_state.is_pipeline_first_stage():
+        keys += first_stage
+    if parallel_state.is_pipeline_last_stage():
+        keys += last_stage
+    device = current_device()
+    return {key: batch[key].to(device, non_blocking=True) for key in keys if key in batch}

@@ -10,7 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_raptr.layer import get_gpt_raptr_block_spec
-from megatron_raptr.training.initialize import current_device
+from megatron_raptr.training import data
 
 
 def language_model_kwargs(args: argparse.Namespace, config: TransformerConfig) -> dict:
@@ -32,9 +32,11 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> GPTModel
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    batch = {key: value.to(current_device()) for key, value in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(masked_mean_loss, batch["loss_mask"])
+    batch = data.stage_batch(data_iterator, first_stage=("tokens", "position_ids"), last_stage=("labels", "loss_mask"),
+                             every_stage=("attention_mask",))  # a mask only with --reset-attention-mask
+    output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"),
+                   labels=batch.get("labels"))
+    return output, partial(masked_mean_loss, batch.get("loss_mask"))
 
 
 def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

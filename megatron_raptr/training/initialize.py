@@ -7,7 +7,7 @@ import os
 import random
 import socket
 from datetime import timedelta
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -110,8 +110,9 @@ def initialize_distributed(
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
-def megatron_fallbacks() -> List[str]:
-    """What Megatron-Core runs in place of Transformer Engine and Apex, where they are not installed."""
+def megatron_fallbacks(unfused: Dict[str, str]) -> List[str]:
+    """What Megatron-Core runs in place of Transformer Engine and Apex, where they are not installed,
+    and the fusions left out (`unfused`: what is not fused -> why, from model.resolve_fusions)."""
     fallbacks = []
     if not gpt_layer_specs.HAVE_TE:
         torch_norms = get_gpt_raptr_layer_spec().submodules.input_layernorm is SequenceParallelTorchNorm
@@ -120,6 +121,10 @@ def megatron_fallbacks() -> List[str]:
         fallbacks.append("torch AdamW")
     if megatron_optimizer.multi_tensor_applier is local_multi_tensor_applier:
         fallbacks.append("local multi-tensor kernels")
+    reasons = {}
+    for fused, why in unfused.items():
+        reasons.setdefault(why, []).append(fused)
+    fallbacks.extend(f"unfused {', '.join(names)} ({why})" for why, names in reasons.items())
     return fallbacks
 
 

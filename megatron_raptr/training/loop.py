@@ -172,7 +172,7 @@ class Trainer:
             chunk.eval()
         iterator = data.build_data_iterator(
             valid_dataset, self.args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(), consumed_samples=0,
+            parallel_state.get_data_parallel_world_size(), consumed_samples=0, num_workers=self.args.num_workers,
         )
         losses = []
         for _ in range(self.args.eval_iters):
@@ -193,6 +193,7 @@ class Trainer:
         data_iterator = data.build_data_iterator(
             train_dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(), consumed_samples=state.consumed_samples,
+            num_workers=args.num_workers,
         )
         for chunk in self.model:
             chunk.train()
@@ -297,9 +298,13 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
 def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[ExitSignalHandler]) -> Optional[float]:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            args.distributed_timeout_minutes)
-    fallbacks = megatron_fallbacks()
+    try:
+        data.check_token_ids(args)  # needs the process group: one rank reads the data
+    except ValueError as error:
+        raise TrainingStopped(str(error)) from None
+    fallbacks = megatron_fallbacks(args.unfused)
     if fallbacks:
-        log(f"Transformer Engine/Apex not installed; Megatron-Core uses: {', '.join(fallbacks)}")
+        log(f"Megatron-Core uses: {', '.join(fallbacks)}")
     trainer, tokenizer = build_trainer(args, hooks or [])
     state = TrainState()
     if args.load:

@@ -1,12 +1,16 @@
 """Builds the model (GPT or BERT), Megatron DDP, optimizer and LR schedule from parsed arguments."""
 
 import argparse
-from typing import List, Tuple
+import importlib.util
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import layers as tensor_parallel_layers
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
@@ -40,6 +44,63 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
     return saved
 
 
+# Megatron-LM's GPU fusions, on by default as there: flag (its --no- form turns the fusion off) -> the
+# argument's dest (Megatron-LM's name) and what it fuses.
+FUSIONS = {
+    "--gradient-accumulation-fusion": ("gradient_accumulation_fusion", "gradient accumulation"),
+    "--masked-softmax-fusion": ("masked_softmax_fusion", "masked softmax"),
+    "--bias-gelu-fusion": ("bias_gelu_fusion", "bias-GeLU"),
+    "--bias-swiglu-fusion": ("bias_swiglu_fusion", "bias-SwiGLU"),
+    "--bias-dropout-fusion": ("bias_dropout_fusion", "bias-dropout-add"),
+    "--rope-fusion": ("apply_rope_fusion", "RoPE"),
+}
+# Megatron-Core's own fused softmax kernels (Apex builds them); it imports them when it first runs one.
+_SOFTMAX_KERNELS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda", "scaled_softmax_cuda")
+
+
+def unavailable_fusions() -> Dict[str, str]:
+    """Fusion flag -> why this machine cannot run it, for each one it cannot."""
+    if not torch.cuda.is_available():
+        from megatron_raptr.compat import cpu
+
+        return dict.fromkeys(FUSIONS, cpu.NO_FUSED_KERNELS)
+    missing = {}
+    if not tensor_parallel_layers._grad_accum_fusion_available:  # Megatron's linear layers raise without it
+        missing["--gradient-accumulation-fusion"] = "needs Apex's fused_weight_gradient_mlp_cuda extension"
+    # Transformer Engine's attention fuses the softmax itself and ignores the flag.
+    if not HAVE_TE and not all(importlib.util.find_spec(kernel) for kernel in _SOFTMAX_KERNELS):
+        missing["--masked-softmax-fusion"] = "needs Megatron's fused softmax kernels (built by Apex)"
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        missing["--rope-fusion"] = "needs Transformer Engine"
+    return missing
+
+
+def resolve_fusions(args: argparse.Namespace) -> Dict[str, str]:
+    """Sets each fusion's argument to a bool; returns what is left unfused -> why, for the defaults
+    this machine cannot run.
+
+    Not given (None): on where this machine can run it and the model has what it fuses. Given
+    where it cannot run: ValueError naming the flag.
+    """
+    applies = {"--bias-gelu-fusion": not args.swiglu, "--bias-swiglu-fusion": args.swiglu,
+               "--rope-fusion": args.position_embedding_type == "rope"}
+    needs = {"--bias-gelu-fusion": "GeLU (no --swiglu)", "--bias-swiglu-fusion": "--swiglu",
+             "--rope-fusion": "--position-embedding-type rope"}
+    unavailable, fallbacks = unavailable_fusions(), {}
+    for flag, (dest, fused) in FUSIONS.items():
+        asked, why = getattr(args, dest), None
+        if not applies.get(flag, True):
+            why = f"needs {needs[flag]}"
+        elif flag in unavailable:
+            why = unavailable[flag]
+            if asked is None:
+                fallbacks[fused] = why
+        if asked and why:
+            raise ValueError(f"{flag}: {why}")
+        setattr(args, dest, why is None if asked is None else asked)
+    return fallbacks
+
+
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
@@ -67,6 +128,13 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method if args.recompute_granularity == "full" else None,
         recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full" else None,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+        masked_softmax_fusion=args.masked_softmax_fusion,
+        bias_activation_fusion=args.bias_swiglu_fusion if args.swiglu else args.bias_gelu_fusion,
+        bias_dropout_fusion=args.bias_dropout_fusion,
+        apply_rope_fusion=args.apply_rope_fusion,
+        # As Megatron-LM: a sent activation's storage is freed, only its autograd graph is kept.
+        deallocate_pipeline_outputs=args.pipeline_model_parallel_size > 1,
     )
 
 
