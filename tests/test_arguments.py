@@ -37,7 +37,7 @@ def test_fixed_layers_separated_by_commas_or_spaces(fixed, expected):
 
 def test_schedule_defaults():
     args = parse_args(BASE + ["--raptr-schedule", "3@0"])
-    assert (args.raptr.fixed_layers, args.raptr.sampling, args.raptr.scaling) == ((1, 4), "bernoulli", "inverse-keep")
+    assert (args.raptr.fixed_layers, args.raptr.sampling, args.raptr.scaling) == ((1, 4), "bernoulli", "none")
     assert args.method == "raptr"
 
 

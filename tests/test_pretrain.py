@@ -72,8 +72,9 @@ def test_baseline_equals_full_model_schedule_and_bf16_tracks_fp32(tmp_path):
     def argv(name, *extra):
         return MODEL + ["--train-iters", "8", "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra]
 
+    scaled = RAPTR + ["--raptr-scaling", "inverse-keep"]
     run_distributed(_pretrain_each, 2, [argv("baseline"), argv("full", "--raptr-schedule", "4@0"),
-                                        argv("raptr", *RAPTR), argv("raptr-bf16", *RAPTR, "--bf16")])
+                                        argv("raptr", *scaled), argv("raptr-bf16", *scaled, "--bf16")])
     baseline, full, raptr, bf16 = (train_records(tmp_path, name)
                                    for name in ("baseline", "full", "raptr", "raptr-bf16"))
     assert losses(baseline) == losses(full)

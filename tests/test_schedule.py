@@ -67,8 +67,10 @@ def test_growing_stages_spend_the_fraction():
 
 
 def test_auto_schedule_spends_the_budget_with_fixed_layers_kept():
+    # From the two fixed layers alone; the full model from 0.45 (the study's none-fixed-first).
     schedule = RaptrSchedule.parse("auto:0.75", 12, 400)
-    assert [(s.start, s.length) for s in schedule.stages] == [(0, 6), (100, 8), (200, 10), (300, 12)]
+    assert [(s.start, s.length) for s in schedule.stages] == [(0, 2), (60, 5), (120, 9), (180, 12)]
+    assert RaptrSchedule.parse("auto:0.75", 12, 400, fixed_layers=()).stages[0].length == 1
     for fraction in (0.6, 0.7, 0.8, 0.9):
         for layers in (6, 12, 24, 32):
             schedule = RaptrSchedule.parse(f"auto:{fraction}", layers, 1000)
@@ -79,7 +81,7 @@ def test_auto_schedule_spends_the_budget_with_fixed_layers_kept():
 @pytest.mark.parametrize("text, message", [
     ("auto:x", "needs a number"),
     ("auto:1", "a fraction in (0, 1)"),
-    ("auto:0.2", "spends at least 0.444"),
+    ("auto:0.4", "spends at least 0.444"),
 ])
 def test_bad_auto_schedules_name_the_flag(text, message):
     with pytest.raises(ValueError, match="--raptr-schedule") as error:
