@@ -4,8 +4,9 @@
 #
 #   MODEL            350m (24 layers, hidden 1024, 16 heads) or 1.3b (24 layers, hidden 2048,
 #                    16 heads); default 350m
-#   RAPTR_SCHEDULE   --raptr-schedule (default 12@0,16@0.25,20@0.5,24@0.75: the paper's UL2
-#                    style schedule); empty: the full-model baseline
+#   RAPTR_SCHEDULE   --raptr-schedule (default auto:0.75: 0.75 of the layer FLOPs in the shape
+#                    the defaults study chose; the paper's UL2-style schedule is
+#                    12@0,16@0.25,20@0.5,24@0.75); empty: the full-model baseline
 #   TP, PP           tensor / pipeline model-parallel sizes (default 1, 1)
 #   SEQUENCE_PARALLEL  1: --sequence-parallel (TP > 1)
 #   MBS, GBS         micro / global batch size (default 4, 256)
@@ -26,7 +27,7 @@ case ${MODEL:=350m} in
     1.3b) model=(--num-layers 24 --hidden-size 2048 --num-attention-heads 16) ;;
     *) echo "MODEL must be 350m or 1.3b, got $MODEL" >&2; exit 1 ;;
 esac
-RAPTR_SCHEDULE=${RAPTR_SCHEDULE-12@0,16@0.25,20@0.5,24@0.75}
+RAPTR_SCHEDULE=${RAPTR_SCHEDULE-auto:0.75}
 TP=${TP:-1}
 PP=${PP:-1}
 SEQ_LENGTH=${SEQ_LENGTH:-2048}

@@ -18,7 +18,7 @@
 #   NPROC          processes, data-parallel over gloo (default 2)
 #   ITERS          training iterations (default 200)
 #   EVAL_INTERVAL  iterations between validations of the full model (default 50)
-#   SCHEDULE       --raptr-schedule (default 2@0,4@0.33,6@0.66; set it empty for the
+#   SCHEDULE       --raptr-schedule (default auto:0.75; set it empty for the
 #                  full-model baseline, with another RUN_DIR)
 #   VOCAB_SIZE     tokenizer vocabulary (default 8000)
 #   DATA_DIR       corpus, tokenizer and tokenized data (default data)
@@ -38,7 +38,7 @@ esac
 NPROC=${NPROC:-2}
 ITERS=${ITERS:-200}
 EVAL_INTERVAL=${EVAL_INTERVAL:-50}
-SCHEDULE=${SCHEDULE-2@0,4@0.33,6@0.66}
+SCHEDULE=${SCHEDULE-auto:0.75}
 VOCAB_SIZE=${VOCAB_SIZE:-8000}
 DATA_DIR=${DATA_DIR:-data}
 PY=.venv/bin/python

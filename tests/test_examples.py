@@ -16,6 +16,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+from megatron_raptr.schedule import RaptrSchedule
 from megatron_raptr.training.arguments import build_parser
 from megatron_raptr.training.initialize import free_port
 from tests.launch import finish, tracker, train_iterations, wait_for_iterations
@@ -80,7 +81,9 @@ def launch(tmp_path, script, **env):
 def test_gpt_8gpu_and_its_baseline(tmp_path):
     launcher, args = launch(tmp_path, "gpt_8gpu.sh", TP="2", SEQUENCE_PARALLEL="1")
     assert launcher[launcher.index("--nproc-per-node") + 1] == "8"
-    assert args.raptr_schedule == "12@0,16@0.25,20@0.5,24@0.75" and args.num_layers == 24
+    assert args.raptr_schedule == "auto:0.75" and args.num_layers == 24
+    schedule = RaptrSchedule.parse(args.raptr_schedule, args.num_layers, 20_000)  # the example's --train-iters
+    assert schedule.expected_layer_fraction(20_000) == pytest.approx(0.75, abs=1e-3)
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel and args.bf16
     assert args.train_iters == 7 and args.metrics_file == "runs/gpt_8gpu/metrics.jsonl"
 
