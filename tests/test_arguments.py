@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+import torch
 
 from megatron_raptr.training.arguments import parse_args
 
@@ -39,6 +40,11 @@ def test_schedule_defaults():
     args = parse_args(BASE + ["--raptr-schedule", "3@0"])
     assert (args.raptr.fixed_layers, args.raptr.sampling, args.raptr.scaling) == ((1, 4), "bernoulli", "none")
     assert args.method == "raptr"
+
+
+def test_data_loader_workers_default_to_none_on_the_cpu():
+    assert parse_args(BASE).num_workers == (2 if torch.cuda.is_available() else 0)
+    assert parse_args(BASE + ["--num-workers", "2"]).num_workers == 2
 
 
 def test_each_method_flag_chooses_its_method_with_defaults():

@@ -89,6 +89,10 @@ _CUDA_TYPE_NAMES = {
 # extensions or torch.compile'd for the GPU.
 NO_FUSED_KERNELS = "needs CUDA"
 
+# --num-workers without CUDA: loader processes would compete with training for the same cores
+# (and be forked again for every evaluation), so batches are made in the training process.
+DATA_LOADER_WORKERS = 0
+
 _installed = False
 _training_installed = False
 

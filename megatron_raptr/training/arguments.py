@@ -5,6 +5,8 @@ import argparse
 import os
 from typing import List, Optional
 
+import torch
+
 from megatron_raptr.pld import PLDSchedule
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
 from megatron_raptr.stacking import COPY_MODES, OPTIMIZER_STATES, StackingSchedule
@@ -251,6 +253,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--multiple-validation-sets needs --valid-data-path PREFIX [PREFIX ...]")
     if args.multiple_validation_sets and data.parse_blend(args.valid_data_path, "--valid-data-path")[1]:
         raise ValueError("--multiple-validation-sets: give --valid-data-path prefixes without weights")
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     for flag in ("raptr_verify_sync", "raptr_stage_warmup_iters", "eval_iters", "lr_warmup_iters", "num_workers"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
@@ -265,6 +269,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except ImportError:
             raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
     args.raptr = build_schedule(args)  # the run's path schedule, whatever the method
+
+
+def default_num_workers() -> int:
+    """Megatron-LM's 2 loader processes per rank where there is CUDA; on the CPU they would
+    only take cores from training (megatron_raptr.compat.cpu)."""
+    if torch.cuda.is_available():
+        return 2
+    from megatron_raptr.compat import cpu
+
+    return cpu.DATA_LOADER_WORKERS
 
 
 def _check_writable(flag: str, directory: Optional[str]) -> None:

@@ -98,8 +98,9 @@ def add_data_args(parser):
     group.add_argument(
         "--num-workers",
         type=int,
-        default=2,
-        help="Data loader worker processes per rank (0: load in the training process).",
+        default=None,
+        help="Data loader worker processes per rank (0: load in the training process). "
+        "Default: 2 with CUDA, as Megatron-LM; 0 without.",
     )
     add_tokenizer_args(parser)
     return parser
