@@ -13,8 +13,9 @@ parameters are all off the path holds zeros on every rank, and its reduced resul
 (or reduce-scatter shard) is the zeros already in place. Such groups are not
 communicated at all (``skip_idle_grad_comm``). To make that apply to every skipped
 layer, each transformer layer gets a bucket of its own where Megatron takes a
-parameter layout (``full_param_layout``, megatron-core 0.17+); older versions keep
-Megatron's size-based buckets, where only buckets entirely off the path are skipped.
+parameter layout (``full_param_layout``, megatron-core 0.17+) and the distributed
+optimizer is off; otherwise Megatron's size-based buckets stay, and only buckets
+entirely off the path are skipped.
 The parameter all-gather of the distributed optimizer is untouched: skipped layers
 still take an optimizer step (weight decay, Adam momentum).
 """
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 from typing import Iterable, Optional
 
 from megatron.core.distributed import DistributedDataParallel
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 TAKES_PARAM_LAYOUT = "full_param_layout" in inspect.signature(DistributedDataParallel.__init__).parameters
@@ -34,11 +34,10 @@ TAKES_PARAM_LAYOUT = "full_param_layout" in inspect.signature(DistributedDataPar
 class RaptrDistributedDataParallel(DistributedDataParallel):
     def __init__(self, config, ddp_config, module, *args, skip_idle_grad_comm: bool = True, **kwargs):
         self.skip_idle_grad_comm = skip_idle_grad_comm
-        if skip_idle_grad_comm and TAKES_PARAM_LAYOUT:
-            # Replaces the size-based layout Megatron-LM's get_model computes for the distributed optimizer.
-            kwargs["full_param_layout"] = per_layer_param_layout(
-                module, ddp_config, ProcessGroupCollection.setup_process_groups_for_ddp(
-                    kwargs.get("pg_collection"), config, ddp_config))
+        # Not under the distributed optimizer: its checkpoints (and resharding) expect the shard
+        # boundaries of Megatron's own layout, and a layout of another padding corrupts them.
+        if skip_idle_grad_comm and TAKES_PARAM_LAYOUT and not ddp_config.use_distributed_optimizer:
+            kwargs["full_param_layout"] = per_layer_param_layout(module, ddp_config)
         super().__init__(config, ddp_config, module, *args, **kwargs)
         self._skipped = ()
         self._idle_groups = set()
@@ -91,7 +90,7 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
                 group.register_grad_ready(param, self.force_all_reduce)
 
 
-def per_layer_param_layout(module, ddp_config, process_groups):
+def per_layer_param_layout(module, ddp_config):
     """Megatron's own buffer layout, applied to each transformer layer's parameters
     (and to each run of parameters between layers) apart, then concatenated: every
     bucket then lies within one layer. Padding and alignment are Megatron's (each part
@@ -100,7 +99,6 @@ def per_layer_param_layout(module, ddp_config, process_groups):
         _compute_default_per_buffer_param_layout,
         group_params_for_buffers,
     )
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.param_layout import FullParamLayout, PerBufferParamLayout
 
     owner = {param: layer for layer in module.modules() if isinstance(layer, TransformerLayer)
@@ -109,17 +107,12 @@ def per_layer_param_layout(module, ddp_config, process_groups):
     layouts = {}
     for key, (buffer_params, param_indices) in group_params_for_buffers(
             params, ddp_config.grad_reduce_in_fp32).items():
-        group = process_groups["intra_expt_dp_group" if key.is_expert_parallel else "intra_dp_cp_group"]
-        shards = group.size() if ddp_config.use_distributed_optimizer else None
-        layout = PerBufferParamLayout(param_indices=param_indices, num_optimizer_shards=shards)
+        layout = PerBufferParamLayout(param_indices=param_indices)
         end = 0
         # Megatron fills a buffer from its last parameter backwards (backward-pass order).
         for _, run in itertools.groupby(reversed(buffer_params), key=owner.get):
             run = list(run)[::-1]
-            if ddp_config.use_distributed_optimizer:
-                part = DistributedOptimizer._compute_per_buffer_param_layout(run, None, shards, ddp_config)
-            else:
-                part = _compute_default_per_buffer_param_layout(run, None)
+            part = _compute_default_per_buffer_param_layout(run, None)
             first_bucket = len(layout.bucket_indices)
             for param, (start, stop, bucket) in part.param_index_map.items():
                 layout.param_index_map[param] = (start + end, stop + end, bucket + first_bucket)
