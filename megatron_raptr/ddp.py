@@ -46,9 +46,9 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
     def set_skipped_parameters(self, params: Iterable) -> None:
         """Parameters of this step's off-path layers; call before the step's forward."""
         self._skipped = tuple(params)
-        skipped = set(self._skipped)
-        self._idle_groups = {group for group in self._all_bucket_groups()
-                             if self.skip_idle_grad_comm and group.params <= skipped}
+        if self.skip_idle_grad_comm:
+            skipped = set(self._skipped)
+            self._idle_groups = {group for group in self._all_bucket_groups() if group.params <= skipped}
 
     @contextmanager
     def no_sync(self):

@@ -177,6 +177,7 @@ class Run:
     seed: int
     iters: int
     flags: Tuple[str, ...]
+    budget: int  # the --iters it is compared within (the equal-FLOPs baseline trains fewer)
 
     @property
     def name(self) -> str:
@@ -228,13 +229,13 @@ def first_reaching(metrics: Dict[str, List[dict]], target: float, x: str) -> Opt
     return next((at for at, loss in plot_metrics.eval_points(metrics, x) if loss <= target), None)
 
 
-def summarize(runs: List[dict], run_dirs: Dict[str, Path]) -> List[dict]:
+def summarize(runs: List[dict], runs_dir: Path) -> List[dict]:
     """Adds flops_to_baseline_loss and time_to_baseline_loss (against the same seed's and budget's
     baseline), and delta_vs_equal_flops (the final loss minus the equal-FLOPs baseline's)."""
     baseline, equal = ({(r["seed"], r["budget"]): r for r in runs if r["method"] == method}
                        for method in ("baseline", "baseline-equal-flops"))
     for run in runs:
-        metrics = plot_metrics.read_metrics(run_dirs[run["name"]] / "metrics.jsonl")
+        metrics = plot_metrics.read_metrics(runs_dir / run["name"] / "metrics.jsonl")
         target = baseline.get((run["seed"], run["budget"]), {}).get("final_val_loss")
         run["flops_to_baseline_loss"] = None if target is None else first_reaching(metrics, target, "flops")
         run["time_to_baseline_loss"] = None if target is None else first_reaching(metrics, target, "time")
@@ -330,21 +331,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def flags(method: str, iters: int) -> Tuple[str, ...]:
         return tuple(method_flags(method, dataclasses.replace(preset, iters=iters)))
 
-    planned = [Run(method, seed, iters, flags(method, iters))
+    planned = [Run(method, seed, iters, flags(method, iters), iters)
                for iters in budgets for seed in preset.seeds for method in methods]
-    planned += [Run(name, seed, iters, flags("raptr", iters) + extra)
+    planned += [Run(name, seed, iters, flags("raptr", iters) + extra, iters)
                 for iters in budgets for seed in preset.seeds for name, extra in args.variant]
-    run_dirs = {}
+    runs_dir = out / "runs"
 
-    def execute(run: Run, budget: int) -> dict:
-        run_dirs[run.name] = out / "runs" / run.name
+    def execute(run: Run) -> dict:
         sys.stdout.write(f"study: {run.method}, seed {run.seed}, {run.iters} iterations\n")
         sys.stdout.flush()
-        result = train_and_evaluate(preset, data, run, run_dirs[run.name], args.jobs, args.source_eval)
-        return dict(result, name=run.name, budget=budget)
+        result = train_and_evaluate(preset, data, run, runs_dir / run.name, args.jobs, args.source_eval)
+        return dict(result, name=run.name, budget=run.budget)
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda run: execute(run, run.iters), planned))
+        runs = list(pool.map(execute, planned))
         if "baseline-equal-flops" in args.methods:  # as many full-model steps as RaPTr's FLOPs buy
             done = {(r["method"], r["seed"], r["budget"]): r for r in runs}
             equal = []
@@ -352,16 +352,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 for seed in preset.seeds:
                     per_step = done["baseline", seed, iters]["total_flops"] / iters
                     steps = max(1, int(done["raptr", seed, iters]["total_flops"] / per_step))
-                    equal.append((Run("baseline-equal-flops", seed, steps, ()), iters))
-            runs += list(pool.map(lambda pair: execute(*pair), equal))
+                    equal.append(Run("baseline-equal-flops", seed, steps, (), iters))
+            runs += list(pool.map(execute, equal))
 
     names = [m for m in METHODS if m in args.methods] + [name for name, _ in args.variant]
     runs.sort(key=lambda r: (r["budget"], r["seed"], names.index(r["method"])))
-    runs = summarize(runs, run_dirs)
+    runs = summarize(runs, runs_dir)
     (out / "results.json").write_text(json.dumps({"preset": args.preset, "runs": runs}, indent=1))
     (out / "results.md").write_text(markdown(runs, args.preset, names))
     seed, budget = preset.seeds[0], max(budgets)
-    first = {r["method"]: plot_metrics.read_metrics(run_dirs[r["name"]] / "metrics.jsonl")
+    first = {r["method"]: plot_metrics.read_metrics(runs_dir / r["name"] / "metrics.jsonl")
              for r in runs if r["seed"] == seed and r["budget"] == budget}
     title = f"{args.preset}: seed {seed}, {budget} iterations"
     plot_metrics.plot(first, out / "loss_vs_flops.png", "flops", title, train_loss=False)

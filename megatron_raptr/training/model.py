@@ -82,15 +82,16 @@ def resolve_fusions(args: argparse.Namespace) -> Dict[str, str]:
     Not given (None): on where this machine can run it and the model has what it fuses. Given
     where it cannot run: ValueError naming the flag.
     """
-    applies = {"--bias-gelu-fusion": not args.swiglu, "--bias-swiglu-fusion": args.swiglu,
-               "--rope-fusion": args.position_embedding_type == "rope"}
-    needs = {"--bias-gelu-fusion": "GeLU (no --swiglu)", "--bias-swiglu-fusion": "--swiglu",
-             "--rope-fusion": "--position-embedding-type rope"}
+    # Fusions of what only some models have: flag -> (the model has it, what it needs).
+    model_needs = {"--bias-gelu-fusion": (not args.swiglu, "GeLU (no --swiglu)"),
+                   "--bias-swiglu-fusion": (args.swiglu, "--swiglu"),
+                   "--rope-fusion": (args.position_embedding_type == "rope", "--position-embedding-type rope")}
     unavailable, fallbacks = unavailable_fusions(), {}
     for flag, (dest, fused) in FUSIONS.items():
         asked, why = getattr(args, dest), None
-        if not applies.get(flag, True):
-            why = f"needs {needs[flag]}"
+        has, needed = model_needs.get(flag, (True, None))
+        if not has:
+            why = f"needs {needed}"
         elif flag in unavailable:
             why = unavailable[flag]
             if asked is None:
