@@ -13,8 +13,8 @@ parameters are all off the path holds zeros on every rank, and its reduced resul
 (or reduce-scatter shard) is the zeros already in place. Such groups are not
 communicated at all (``skip_idle_grad_comm``). To make that apply to every skipped
 layer, each transformer layer gets a bucket of its own where Megatron takes a
-parameter layout (``full_param_layout``, megatron-core 0.17+) and the distributed
-optimizer is off; otherwise Megatron's size-based buckets stay, and only buckets
+parameter layout (``full_param_layout``, megatron-core 0.17+), with or without the
+distributed optimizer; on 0.16 Megatron's size-based buckets stay, and only buckets
 entirely off the path are skipped.
 The parameter all-gather of the distributed optimizer is untouched: skipped layers
 still take an optimizer step (weight decay, Adam momentum).
@@ -34,9 +34,9 @@ TAKES_PARAM_LAYOUT = "full_param_layout" in inspect.signature(DistributedDataPar
 class RaptrDistributedDataParallel(DistributedDataParallel):
     def __init__(self, config, ddp_config, module, *args, skip_idle_grad_comm: bool = True, **kwargs):
         self.skip_idle_grad_comm = skip_idle_grad_comm
-        # Not under the distributed optimizer: its checkpoints (and resharding) expect the shard
-        # boundaries of Megatron's own layout, and a layout of another padding corrupts them.
-        if skip_idle_grad_comm and TAKES_PARAM_LAYOUT and not ddp_config.use_distributed_optimizer:
+        # Also when not skipping: both then share one layout, so their results agree bit for bit
+        # (the distributed optimizer's shard boundaries set the grad norm's summation order).
+        if TAKES_PARAM_LAYOUT:
             kwargs["full_param_layout"] = per_layer_param_layout(module, ddp_config)
         super().__init__(config, ddp_config, module, *args, **kwargs)
         self._skipped = ()
@@ -93,13 +93,28 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
 def per_layer_param_layout(module, ddp_config):
     """Megatron's own buffer layout, applied to each transformer layer's parameters
     (and to each run of parameters between layers) apart, then concatenated: every
-    bucket then lies within one layer. Padding and alignment are Megatron's (each part
-    ends padded, so shifting a part by the parts before it keeps them)."""
+    bucket then lies within one layer. Padding and alignment are Megatron's: the
+    distributed optimizer's (each part ends padded to a multiple of the DP size and of
+    128, so shifting a part by the parts before it keeps its alignment) or plain DDP's
+    (no padding)."""
+    from megatron.core import parallel_state
     from megatron.core.distributed.param_and_grad_buffer import (
         _compute_default_per_buffer_param_layout,
         group_params_for_buffers,
     )
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.param_layout import FullParamLayout, PerBufferParamLayout
+
+    if ddp_config.use_distributed_optimizer:
+        dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+        def part_layout(params):
+            return DistributedOptimizer._compute_per_buffer_param_layout(params, None, dp_size, ddp_config)
+    else:
+        dp_size = None
+
+        def part_layout(params):
+            return _compute_default_per_buffer_param_layout(params, None)
 
     owner = {param: layer for layer in module.modules() if isinstance(layer, TransformerLayer)
              for param in layer.parameters()}
@@ -107,12 +122,11 @@ def per_layer_param_layout(module, ddp_config):
     layouts = {}
     for key, (buffer_params, param_indices) in group_params_for_buffers(
             params, ddp_config.grad_reduce_in_fp32).items():
-        layout = PerBufferParamLayout(param_indices=param_indices)
+        layout = PerBufferParamLayout(param_indices=param_indices, num_optimizer_shards=dp_size)
         end = 0
         # Megatron fills a buffer from its last parameter backwards (backward-pass order).
         for _, run in itertools.groupby(reversed(buffer_params), key=owner.get):
-            run = list(run)[::-1]
-            part = _compute_default_per_buffer_param_layout(run, None)
+            part = part_layout(list(run)[::-1])
             first_bucket = len(layout.bucket_indices)
             for param, (start, stop, bucket) in part.param_index_map.items():
                 layout.param_index_map[param] = (start + end, stop + end, bucket + first_bucket)

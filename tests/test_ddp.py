@@ -28,9 +28,9 @@ def _train(options, skip, initial, batch):
     with torch.no_grad():
         for param, value in zip(model.parameters(), initial):
             param.copy_(value)
-    # Where Megatron's own layout stays (megatron-core 0.16, the distributed optimizer): with
-    # overlap, one bucket per parameter shows the skipping.
-    bucket_size = None if TAKES_PARAM_LAYOUT and not options["use_distributed_optimizer"] else 1
+    # Where Megatron's own layout stays (megatron-core 0.16): with overlap, one bucket per
+    # parameter shows the skipping.
+    bucket_size = None if TAKES_PARAM_LAYOUT else 1
     ddp, optimizer = tiny_gpt.wrap(model, config, **options, ddp_class=RaptrDistributedDataParallel,
                                    bucket_size=bucket_size, skip_idle_grad_comm=skip)
     groups = ddp.bucket_groups
@@ -93,10 +93,9 @@ def test_idle_buckets_are_not_communicated_and_nothing_else_changes(runs, config
         communicated, expected, num_groups, losses, params = skipping
         assert communicated == expected
         assert communicating[0] == [set(range(communicating[2]))] * len(PATHS)
-        # Megatron's layout (megatron-core 0.16, or the distributed optimizer) keeps a single
-        # bucket without overlap: nothing can be idle there.
-        per_layer = TAKES_PARAM_LAYOUT and not CONFIGS[config]["use_distributed_optimizer"]
-        if per_layer or CONFIGS[config]["overlap_grad_reduce"]:
+        # Megatron's layout (megatron-core 0.16) keeps a single bucket without overlap: nothing
+        # can be idle there.
+        if TAKES_PARAM_LAYOUT or CONFIGS[config]["overlap_grad_reduce"]:
             assert all(len(e) < num_groups for e in expected)
         assert losses == communicating[3]
         assert all(torch.equal(a, b) for a, b in zip(params, communicating[4]))

@@ -2,6 +2,10 @@
 
 Both models train side by side in one process, steps interleaved so machine noise
 hits both alike; prints the median step times and their ratio (goal: <= 1.02).
+With --full the dense L-layer model trains alongside too, giving the share of the
+skipped layers' time that skipping saves. Under torchrun with several processes the
+models are data-parallel (tools/bench_dp.py compares that share across DP sizes);
+--megatron-args passes pretrain_raptr.py flags such as --use-distributed-optimizer.
 The forward+backward ratio is printed apart from the whole step, because the
 optimizer still updates the L - k idle layers (with zero gradients). On a GPU every
 timing is bracketed by torch.cuda.synchronize(), and model TFLOP/s (active layers
@@ -64,6 +68,8 @@ def parse_bench_args(argv=None):
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--full", action="store_true", help="also time the dense model of all --layers")
+    parser.add_argument("--megatron-args", default="", help="more pretrain_raptr.py flags for every model")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     bench = parser.parse_args(argv)
     if not 1 <= bench.path <= bench.layers:
@@ -76,13 +82,15 @@ def run(bench):
               f"--seq-length {bench.seq_length} --micro-batch-size {bench.micro_batch_size} "
               f"--train-iters {2 * bench.steps + 4} --lr 1e-4 --hidden-dropout 0 --attention-dropout 0 "
               f"--mock-data --tokenizer-type NullTokenizer --vocab-size {bench.vocab_size} --eval-iters 0"
-              ).split() + (["--bf16"] if bench.bf16 else [])
+              ).split() + (["--bf16"] if bench.bf16 else []) + bench.megatron_args.split()
     initialize_distributed(1, 1, seed=1234)
     raptr = ["--raptr-schedule", f"{bench.path}@0", "--raptr-sampling", "fixed-size", "--raptr-fixed-layers"]
     runs = {
         "raptr": build(bench.layers, common, raptr),
         "dense": build(bench.path, common, []),
     }
+    if bench.full:
+        runs["full"] = build(bench.layers, common, [])
     cuda = torch.cuda.is_available()
     times = {name: {"step": [], "forward_backward": []} for name in runs}
     peak_bytes, step_bytes = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0)
@@ -107,7 +115,8 @@ def run(bench):
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops(device) if cuda and bench.bf16 else None
     result = {"device": device, "dtype": "bf16" if bench.bf16 else "fp32", "layers": bench.layers,
-              "path": bench.path, "hidden_size": bench.hidden_size, "seq_length": bench.seq_length,
+              "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+              "megatron_args": bench.megatron_args, "path": bench.path, "hidden_size": bench.hidden_size, "seq_length": bench.seq_length,
               "micro_batch_size": bench.micro_batch_size, "steps": bench.steps, "peak_tflops": peak}
     for name, (trainer, _) in runs.items():
         # Model FLOPs of the active layers: the same for both models by construction.
@@ -125,16 +134,22 @@ def run(bench):
         }
     for part in ("forward_backward", "step"):
         result[f"{part}_ratio"] = result["raptr"][f"{part}_ms"] / result["dense"][f"{part}_ms"]
+        if bench.full:
+            full, raptr, dense = (result[name][f"{part}_ms"] for name in ("full", "raptr", "dense"))
+            # 1: the skipped layers cost nothing; 0: skipping saved nothing.
+            result[f"{part}_saved_share"] = (full - raptr) / (full - dense)
     return result
 
 
 def report(result):
     """A short text table of run()'s figures."""
-    lines = [f"{result['device']}, {result['dtype']}: path {result['path']} of {result['layers']} layers vs a dense "
-             f"{result['path']}-layer model, hidden {result['hidden_size']}, "
+    lines = [f"{result['device']}, {result['dtype']}, DP={result['data_parallel_size']}: path {result['path']} of "
+             f"{result['layers']} layers vs a dense {result['path']}-layer model, hidden {result['hidden_size']}, "
              f"{result['micro_batch_size']} x {result['seq_length']} tokens, median of {result['steps']} steps",
              f"  {'':8s} {'fwd+bwd ms':>11s} {'step ms':>9s} {'TFLOP/s':>9s} {'MFU':>6s} {'peak GiB':>9s} {'step GiB':>9s}"]
-    for name in ("raptr", "dense"):
+    for name in ("raptr", "dense", "full"):
+        if name not in result:
+            continue
         r = result[name]
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.3f}"
         memory = " ".join("        -" if r[key] is None else f"{r[key]:9.1f}"
@@ -143,12 +158,17 @@ def report(result):
                      f"{mfu:>6s} {memory}")
     lines.append(f"  ratio raptr/dense: forward+backward {result['forward_backward_ratio']:.3f}, "
                  f"whole step {result['step_ratio']:.3f}   (torch threads {torch.get_num_threads()})")
+    if "step_saved_share" in result:
+        lines.append(f"  share of the skipped layers' time saved: forward+backward "
+                     f"{result['forward_backward_saved_share']:.2f}, whole step {result['step_saved_share']:.2f}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     bench = parse_bench_args(argv)
     result = run(bench)
+    if torch.distributed.get_rank():
+        return  # every rank waited for the same collectives: rank 0's times speak for all
     print(report(result), flush=True)
     if bench.json:
         with open(bench.json, "w") as f:

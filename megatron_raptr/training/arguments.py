@@ -48,6 +48,9 @@ def _add_parallel_args(parser):
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--overlap-grad-reduce", action="store_true")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="parameters per gradient bucket under --overlap-grad-reduce (Megatron's default: "
+                            "max(40M, 1M x DP size)); without overlap there is one bucket")
     group.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     group.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     group.add_argument("--recompute-num-layers", type=int, default=1)
@@ -209,7 +212,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                  "train_iters", "log_interval", "eval_interval", "make_vocab_size_divisible_by",
                  "ffn_hidden_size", "max_position_embeddings", "global_batch_size", "lr_decay_iters",
-                 "save_interval", "exit_interval"):
+                 "save_interval", "exit_interval", "ddp_bucket_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: not given, defaulted below
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.hidden_size % args.num_attention_heads:

@@ -151,6 +151,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[tor
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     ddp = RaptrDistributedDataParallel(config, ddp_config, model, skip_idle_grad_comm=args.raptr_skip_grad_comm)
