@@ -1,9 +1,10 @@
 """Checkpoints resume training exactly, under any TP/PP/DP layout.
 
 One two-rank job, per optimizer (Adam, distributed Adam): a TP=1/PP=1/DP=2 reference
-trains two steps, saves, records its RNG draws and trains three more steps. Then, for
-each layout, the ranks build the model from another seed, load and train those three
-steps again. Each loss is computed before its step's update: the first resumed loss
+trains two steps, saves (in the default format; asynchronously; for distributed Adam also
+fully reshardable), records its RNG draws and trains three more steps while the
+asynchronous save is written. Then, for each case, the ranks build the model from another
+seed, load and train those three steps again. Each loss is computed before its step's update: the first resumed loss
 checks the weights, the second the Adam state and the saved learning rate, the third
 the LR schedule (still warming up). The tokenizer is a SentencePiece model of 600
 pieces, which Megatron-LM's padding makes 640 rows under TP=1 and 768 under TP=2: the
@@ -28,7 +29,8 @@ ARGV = (
 ).split()
 SENTENCEPIECE_VOCAB = 600
 OPTIMIZERS = {"adam": [], "distributed-adam": ["--use-distributed-optimizer"]}
-LAYOUTS = {"same": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}  # (TP, PP); DP = 2 / (TP x PP)
+# Resumed cases: (TP, PP), DP = 2 / (TP x PP); "async" loads the asynchronous save.
+CASES = {"same": (1, 1), "async": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 RESUMED_STEPS = 3
 SAVED = dict(iteration=2, consumed_samples=8, raptr_schedule="2@0,4@0.5", seed=1234)
 
@@ -104,6 +106,55 @@ def _save_killed_before_commit(root, run):
             pass
 
 
+def _saved_dir(root, optimizer, case):
+    """Where each case loads from: distributed Adam's per-rank format loads only under the
+    saved TP and PP, so its resharded cases load the fully reshardable save."""
+    if case == "async":
+        return os.path.join(root, f"{optimizer}-async")
+    if optimizer == "distributed-adam" and CASES[case] != CASES["same"]:
+        return os.path.join(root, "distributed-adam-reshardable")
+    return os.path.join(root, optimizer)
+
+
+def _save_reference(root, optimizer, run):
+    """The reference's saves at iteration 2, with the times each gathered the distributed
+    optimizer's state over DP (Megatron's get_parameter_state_dp_zero)."""
+    from unittest import mock
+
+    from megatron.core.optimizer import DistributedOptimizer
+
+    from megatron_raptr.training import checkpointing
+
+    saves = {optimizer: {}, f"{optimizer}-async": dict(async_save=True)}
+    if optimizer == "distributed-adam":
+        saves["distributed-adam-reshardable"] = dict(optim_fully_reshardable=True)
+    gathers = {}
+    gather = DistributedOptimizer.get_parameter_state_dp_zero
+    for name, options in saves.items():
+        with mock.patch.object(DistributedOptimizer, "get_parameter_state_dp_zero", autospec=True,
+                               side_effect=gather) as spy:
+            checkpointing.save_checkpoint(os.path.join(root, name), 2, *run[:3], SAVED, **options)
+        gathers[name] = spy.call_count
+    return gathers
+
+
+def _bytes_per_rank(path):
+    """Bytes of torch_dist shard files (__RANK_THREAD.distcp) each rank wrote."""
+    sizes = {}
+    for name in os.listdir(path):
+        if name.endswith(".distcp"):
+            rank = int(name.split("_")[2])
+            sizes[rank] = sizes.get(rank, 0) + os.path.getsize(os.path.join(path, name))
+    return sizes
+
+
+def _tracker(load_dir):
+    from megatron_raptr.training.checkpointing import TRACKER
+
+    with open(os.path.join(load_dir, TRACKER)) as f:
+        return f.read().strip()
+
+
 def _load_error(load_dir, run):
     from megatron_raptr.training import checkpointing
 
@@ -137,34 +188,44 @@ def _checkpoint_job(root):
 
     from megatron_raptr.training import checkpointing
 
-    result = {"reference": {}, "resumed": {}}
+    result = {"reference": {}, "resumed": {}, "gathers": {}}
     for optimizer in OPTIMIZERS:
         run = _build(root, optimizer, 1, 1, seed=1234)
         _train(run, 2)
-        checkpointing.save_checkpoint(os.path.join(root, optimizer), 2, *run[:3], SAVED)
+        result["gathers"].update(_save_reference(root, optimizer, run))
         rng = _rng_draws()
         result["reference"][optimizer] = dict(rng=rng, losses=_train(run, RESUMED_STEPS))
+        checkpointing.finalize_saves()  # the asynchronous save, written while the reference trained on
+    result["bytes_per_rank"] = _bytes_per_rank(checkpointing.checkpoint_dir(os.path.join(root, "adam"), 2))
     # A later save of the distributed-Adam reference dies; its loads below must ignore it.
     _save_killed_before_commit(os.path.join(root, "distributed-adam"), run)
-    with open(os.path.join(root, "distributed-adam", checkpointing.TRACKER)) as f:
-        result["tracker_after_killed_save"] = f.read().strip()
+    result["tracker_after_killed_save"] = _tracker(os.path.join(root, "distributed-adam"))
 
     for optimizer in OPTIMIZERS:
-        for layout, (tp, pp) in LAYOUTS.items():
-            load_dir = os.path.join(root, optimizer)
+        for case, (tp, pp) in CASES.items():
+            load_dir = _saved_dir(root, optimizer, case)
             run = _build(root, optimizer, tp, pp, seed=99, load=("--load", load_dir))
-            state = checkpointing.load_checkpoint(load_dir, *run[:3])
+            state = checkpointing.load_checkpoint(load_dir, *run[:3], fully_parallel=case == "same")
             rng = _rng_draws()
             losses = _train(run, RESUMED_STEPS)
             vocab = unwrap_model(run[0])[0].vocab_size
-            result["resumed"][optimizer, layout] = dict(state=state, rng=rng, losses=losses, vocab=vocab)
+            result["resumed"][optimizer, case] = dict(state=state, rng=rng, losses=losses, vocab=vocab)
+
+    # An asynchronous save (of the last resumed run) becomes the latest only once finalized:
+    # a job killed before then resumes from the previous one.
+    async_dir = os.path.join(root, "distributed-adam-async")
+    checkpointing.save_checkpoint(async_dir, 4, *run[:3], dict(SAVED, iteration=4), async_save=True)
+    result["async_tracker"] = {"pending": _tracker(async_dir)}
+    checkpointing.finalize_saves()
+    result["async_tracker"]["finalized"] = _tracker(async_dir)
 
     # None of these loads gets as far as a collective. `run` has the distributed optimizer
     # and Megatron-LM's padding for TP=2, not the checkpoint's.
     run = _build(root, "distributed-adam", 2, 1, seed=99)
     result["missing"] = checkpointing.load_checkpoint(os.path.join(root, "none"), *run[:3])
     result["errors"] = {"optimizer": _load_error(os.path.join(root, "adam"), run),
-                        "vocabulary": _load_error(os.path.join(root, "distributed-adam"), run)}
+                        "per-rank": _load_error(os.path.join(root, "distributed-adam"), run),
+                        "vocabulary": _load_error(os.path.join(root, "distributed-adam-reshardable"), run)}
     if dist.get_rank() == 0:
         result["broken"] = _broken_dirs(root)
         result["errors"].update({name: _load_error(path, run) for name, path in result["broken"].items()})
@@ -183,14 +244,21 @@ def job(root):
     return run_distributed(_checkpoint_job, 2, root)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_resumed_training_matches_uninterrupted_run(job, optimizer, layout):
+def test_resumed_training_matches_uninterrupted_run(job, optimizer, case):
     last = job[-1]  # the last pipeline stage has the losses under every layout
-    resumed = last["resumed"][optimizer, layout]
+    resumed = last["resumed"][optimizer, case]
     assert resumed["state"] == SAVED
     assert resumed["vocab"] == 640  # the checkpoint's padding; Megatron-LM's under TP=2 is 768
     assert resumed["losses"] == pytest.approx(last["reference"][optimizer]["losses"], rel=1e-5, abs=0)
+
+
+def test_same_layout_resume_is_bit_exact(job):
+    for rank in job:
+        for optimizer in OPTIMIZERS:
+            for case in ("same", "async"):
+                assert rank["resumed"][optimizer, case]["losses"] == rank["reference"][optimizer]["losses"]
 
 
 def test_rng_states_restored_only_under_the_saved_layout(job):
@@ -198,13 +266,34 @@ def test_rng_states_restored_only_under_the_saved_layout(job):
         for optimizer in OPTIMIZERS:
             reference = rank["reference"][optimizer]["rng"]
             assert rank["resumed"][optimizer, "same"]["rng"] == reference
+            assert rank["resumed"][optimizer, "async"]["rng"] == reference
             assert rank["resumed"][optimizer, "tp2"]["rng"] != reference
+
+
+def test_distributed_optimizer_state_is_gathered_only_for_the_reshardable_format(job):
+    for rank in job:
+        assert rank["gathers"]["distributed-adam"] == 0
+        assert rank["gathers"]["distributed-adam-async"] == 0
+        assert rank["gathers"]["distributed-adam-reshardable"] > 0
+
+
+def test_replicated_shards_are_written_by_every_data_parallel_rank(job):
+    # Adam's checkpoint is all DP replicas (model and optimizer state): fully parallel, each
+    # of the two ranks writes about half of it rather than DP rank 0 all of it.
+    sizes = job[0]["bytes_per_rank"]
+    assert set(sizes) == {0, 1}
+    assert min(sizes.values()) > 0.3 * sum(sizes.values())
 
 
 def test_killed_save_leaves_previous_checkpoint_latest(job):
     # The resumed runs loaded this checkpoint after the killed save of iteration 4.
     assert job[0]["tracker_after_killed_save"] == "2"
     assert job[0]["resumed"]["distributed-adam", "same"]["state"]["iteration"] == 2
+
+
+def test_async_save_is_latest_only_once_finalized(job):
+    for rank in job:
+        assert rank["async_tracker"] == {"pending": "2", "finalized": "4"}
 
 
 def test_missing_directory_has_no_checkpoint(job):
@@ -214,6 +303,9 @@ def test_missing_directory_has_no_checkpoint(job):
 def test_load_errors_name_the_flag_and_the_problem(job):
     errors, broken = job[0]["errors"], job[0]["broken"]
     assert "saved without --use-distributed-optimizer" in errors["optimizer"]
+    assert ("state per DP rank, which loads only under its --tensor-model-parallel-size 1 and "
+            "--pipeline-model-parallel-size 1 (this run: 2 and 1)") in errors["per-rank"]
+    assert "--dist-ckpt-optim-fully-reshardable" in errors["per-rank"]
     assert "should hold an iteration number, not 'iter_2'" in errors["garbled"]
     assert "names iteration 7" in errors["dangling"] and "iter_0000007" in errors["dangling"]
     assert "iter_0000002" in errors["unfinished"] and "not a completed save" in errors["unfinished"]
@@ -243,3 +335,12 @@ def test_broken_load_directory_is_refused_before_training(job, root, capsys):
         with pytest.raises(SystemExit):
             parse_args(_argv(root, "--load", path))
         assert f"--load {path}: " in capsys.readouterr().err
+
+
+def test_per_rank_optimizer_state_under_another_layout_is_refused_before_training(job, root, capsys):
+    load = os.path.join(root, "distributed-adam")
+    with pytest.raises(SystemExit):
+        parse_args(_argv(root, "--load", load, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2"),
+                   world_size=2)
+    error = capsys.readouterr().err
+    assert f"--load {load}: " in error and "--dist-ckpt-optim-fully-reshardable" in error

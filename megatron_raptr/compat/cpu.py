@@ -55,6 +55,11 @@ _MODULES_ASSUMING_CUDA = {
     # torch_dist checkpoint writer: synchronize() before writing, save status in CUDA tensors.
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # Async save: synchronize() before forking the writer, completion flags on current_device().
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    # Fully parallel load: synchronize() after the exchange, whose buffers are made on "cuda".
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.exchange_utils",
 }
 
 # Megatron-LM's loop: modules that also need to see a CUDA device.
@@ -166,7 +171,7 @@ class _NoStream:
 class _TorchOnCpu(types.ModuleType):
     """`torch` whose tensor factories put `device="cuda"` on the CPU."""
 
-    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "rand")
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "empty_like", "full", "rand")
 
     def __init__(self, device_present=False):
         super().__init__("torch")
@@ -255,6 +260,17 @@ def _patch_tensor_checks():
     cls = getattr(optimizer, "Float16OptimizerWithFloat16Params", None)
     if cls is not None:
         cls.__init__ = _as_cuda(cls.__init__)
+
+    # Fully parallel checkpoint load moves the shards it read with `tensor.cuda()` before
+    # exchanging them, and makes receive buffers with ShardedTensor.init_data("cuda").
+    fully_parallel = _import("megatron.core.dist_checkpointing.strategies.fully_parallel")
+    if hasattr(fully_parallel, "exchange_by_distribution"):
+        fully_parallel.exchange_by_distribution = _as_cuda(fully_parallel.exchange_by_distribution)
+    mapping = _import("megatron.core.dist_checkpointing.mapping")
+    cls = getattr(mapping, "ShardedTensor", None)
+    if hasattr(cls, "init_data"):
+        init_data = cls.init_data
+        cls.init_data = lambda self, device, *args, **kwargs: init_data(self, _on_cpu(device), *args, **kwargs)
 
 
 def _patch_rng():

@@ -4,8 +4,10 @@ Not a CPU matter: a GPU machine without Transformer Engine and Apex hits it too.
 DistributedOptimizer.load_state_dict gives every parameter's state one shared 'step'
 tensor, which torch's Adam then increments once per parameter (the resumed run drifts
 from the second step on), and _set_main_param_and_optimizer_states copies every state
-key from the loaded tensors, which hold no 'step' (it comes from param_groups). Here
-each parameter keeps its own copy of the step.
+key from the loaded tensors, whose 'step' is never the saved one (it comes from
+param_groups): the 'fully_reshardable' format has none, the per-rank 'dp_reshardable' one
+the value before loading (a non-persistent entry). Here each parameter keeps its own copy
+of the step that param_groups restored.
 """
 
 from megatron.core import optimizer as megatron_optimizer
@@ -26,7 +28,7 @@ def install() -> None:
     def set_states_with_own_step(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
         state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        if "step" in state and "step" not in tensors:
+        if "step" in state:
             state["step"] = state["step"].clone()
             tensors = {**tensors, "step": state["step"]}
         set_states(self, model_param, tensors)

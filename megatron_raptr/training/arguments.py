@@ -10,7 +10,7 @@ import torch
 from megatron_raptr.pld import PLDSchedule
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
 from megatron_raptr.stacking import COPY_MODES, OPTIMIZER_STATES, StackingSchedule
-from megatron_raptr.training import bert, data
+from megatron_raptr.training import bert, checkpointing, data
 from megatron_raptr.training.family import FAMILIES, model_family
 from megatron_raptr.training.model import FUSIONS, padded_vocab_size, resolve_fusions
 
@@ -93,6 +93,16 @@ def _add_logging_args(parser):
     group.add_argument("--load", default=None)
     group.add_argument("--save-interval", type=int, default=None)
     group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument("--async-save", action="store_true",
+                       help="write checkpoints in background processes while training goes on; each is committed "
+                            "(named latest) once every rank has written it, at the latest by the next save or exit")
+    group.add_argument("--ckpt-fully-parallel-save", action=argparse.BooleanOptionalAction, default=True,
+                       help="spread the writing of replicated shards (model weights) over the data-parallel ranks")
+    group.add_argument("--ckpt-fully-parallel-load", action="store_true",
+                       help="read each replicated shard once, on one data-parallel rank, and send it to the others")
+    group.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                       help="save the distributed optimizer's state gathered per parameter, loadable under another "
+                            "TP/PP (default: each rank its own shard, loadable under the same TP and PP)")
     group.add_argument("--exit-interval", type=int, default=None,
                        help="stop (after saving, with --save) once the iteration is divisible by this")
     group.add_argument("--exit-signal-handler", action="store_true",
@@ -247,9 +257,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be less than --lr-decay-iters "
                          f"{args.lr_decay_iters} (default: --train-iters)")
-    for flag in ("save_interval", "exit_signal_handler"):
+    for flag in ("save_interval", "exit_signal_handler", "async_save", "dist_ckpt_optim_fully_reshardable"):
         if getattr(args, flag) and args.save is None:
             raise ValueError(f"--{flag.replace('_', '-')} needs --save")
+    if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
+        raise ValueError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer")
+    if args.load:  # a checkpoint this layout cannot load
+        checkpointing.check_resumable(args.load, args.tensor_model_parallel_size,
+                                      args.pipeline_model_parallel_size, args.use_distributed_optimizer)
     if args.skip_train and not (args.load and args.eval_iters):
         raise ValueError("--skip-train evaluates a checkpoint: it needs --load and --eval-iters > 0")
     if args.multiple_validation_sets and not args.valid_data_path:

@@ -5,12 +5,15 @@ A --save directory holds one checkpoint directory per saved iteration and a trac
     iter_0000100/                       written by all ranks through dist_checkpointing
     latest_checkpointed_iteration.txt   the last complete save, replaced atomically
 
-The tracker is written only after every rank has finished its part, so an interrupted
-save leaves the previous checkpoint as the latest one. Model and optimizer states are
-ShardedTensors in model space, so a checkpoint loads under any TP/PP/DP layout, into a
+The tracker is written only after every rank has finished its part (with async_save, in
+the save's finalization, once every rank's writer is done), so an interrupted save leaves
+the previous checkpoint as the latest one. Every rank writes its own shards; replicated
+ones (model weights, the regular optimizer's state) are spread over the DP ranks. Model
+states are ShardedTensors in model space, so they load under any TP/PP/DP layout, into a
 model built with the checkpoint's padded vocabulary size (saved_padded_vocab_size). RNG
 states belong to one (PP rank, TP rank) and are restored only under the saved layout.
 """
+import inspect
 import os
 import random
 from typing import List, Optional
@@ -20,6 +23,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
@@ -28,17 +40,33 @@ from megatron_raptr.compat import torch_adam
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
-# The distributed optimizer saves its state 'fully_reshardable': gathered across DP and
-# stored per model parameter, shaped like it, so it reloads under any TP/PP/DP. (Its
-# 'dp_reshardable' buckets reload only under the same TP and PP, and Megatron-Core 0.16
-# rejects the flattened ShardedTensors of 'fully_sharded_model_space'.) The
-# memory-efficient variant gathers over gloo to DP rank 0 only, not to every GPU. Without
-# a prefix per chained sub-optimizer the keys do not depend on parameter grouping.
-_OPTIMIZER_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
-    "chained_optim_avoid_prefix": True,
-}
+# How the distributed optimizer saves its state (Megatron-LM's choice too):
+# - 'dp_reshardable' (default): each DP rank writes its own slice of the optimizer's buckets,
+#   no communication; it reloads only under the same TP and PP (DP may change).
+# - 'fully_reshardable' (--dist-ckpt-optim-fully-reshardable): gathered over DP (over gloo, to
+#   DP rank 0 only: the memory-efficient variant) and stored per model parameter, shaped like
+#   it, so it reloads under any TP/PP/DP.
+# Megatron-Core's per-parameter, per-rank 'fully_sharded_model_space' would be both, but its
+# ShardedTensors carry a flattened_range, which 0.16 and 0.19 reject ("not supported"); its
+# 'fully_sharded_bucket_space' is gone. Without a prefix per chained sub-optimizer the keys do
+# not depend on parameter grouping.
+PER_RANK, RESHARDABLE = "dp_reshardable", "fully_reshardable"
+
+# Megatron-Core 0.19 writes asynchronous saves with NVIDIA Resiliency Extension by default, a
+# separate package; its own writer ("mcore") is what 0.16 has.
+_ASYNC_STRATEGY = (
+    {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
+)
+
+_async_saves: Optional[AsyncCallsQueue] = None  # saves being written; created by the first async save
+
+
+def _optimizer_metadata(sharding_type: str) -> dict:
+    return {
+        "distrib_optim_sharding_type": sharding_type,
+        "distrib_optim_fully_reshardable_mem_efficient": True,
+        "chained_optim_avoid_prefix": True,
+    }
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -52,23 +80,61 @@ def save_checkpoint(
     optimizer: MegatronOptimizer,
     opt_param_scheduler: OptimizerParamScheduler,
     state: dict,
+    async_save: bool = False,
+    fully_parallel: bool = True,
+    optim_fully_reshardable: bool = False,
 ) -> None:
     """Save model, optimizer, LR schedule, RNG states and `state` (small, picklable
-    trainer state; rank 0's copy is saved) as iteration `iteration`. Collective."""
+    trainer state; rank 0's copy is saved) as iteration `iteration`. Collective.
+
+    async_save: return once the shards are handed to writer processes; the save commits (the
+    tracker names it) in finalize_saves(), which the next save calls first. fully_parallel:
+    spread replicated shards over the DP ranks (otherwise DP rank 0 writes them all).
+    optim_fully_reshardable: the distributed optimizer's state in the format that reloads
+    under another TP/PP (gathered over DP), rather than per rank.
+    """
+    finalize_saves()  # a pending save commits before this one can become the latest
     path = checkpoint_dir(save_dir, iteration)
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     dist.barrier()  # dist_checkpointing.save expects the directory to exist
-    sharded = _sharded_state_dict(model, optimizer, with_rng=True, is_loading=False)
+    sharding_type = RESHARDABLE if optim_fully_reshardable else PER_RANK
+    sharded = _sharded_state_dict(model, optimizer, sharding_type, with_rng=True, is_loading=False)
     sharded.update(
         layout=_layout(),
         padded_vocab_size=_padded_vocab_size(model),
         distributed_optimizer=optimizer.config.use_distributed_optimizer,
+        distrib_optim_sharding_type=sharding_type,
         opt_param_scheduler=opt_param_scheduler.state_dict(),
         state=state,
     )
-    dist_checkpointing.save(sharded, path, preprocess_common_before_consistancy_check=_comparable)
-    dist.barrier()  # every rank's shards are on disk before the tracker names them
+    strategy = get_default_save_sharded_strategy()
+    if fully_parallel:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_state.get_data_parallel_group())
+    request = dist_checkpointing.save(
+        sharded, path, strategy, async_sharded_save=async_save,
+        preprocess_common_before_consistancy_check=_comparable, **(_ASYNC_STRATEGY if async_save else {}),
+    )
+    if not async_save:
+        _commit(save_dir, iteration)
+        return
+    global _async_saves
+    _async_saves = _async_saves or AsyncCallsQueue()
+    # Finalization runs once every rank's writer is done, after Megatron's metadata.json.
+    request.add_finalize_fn(lambda: _commit(save_dir, iteration))
+    _async_saves.schedule_async_request(request)
+
+
+def finalize_saves(blocking: bool = True) -> None:
+    """Commit the asynchronous saves whose shards every rank has written; with `blocking`,
+    wait for all of them. Collective while a save is pending; nothing to do otherwise."""
+    if _async_saves is not None:
+        _async_saves.maybe_finalize_async_calls(blocking=blocking)
+
+
+def _commit(save_dir: str, iteration: int) -> None:
+    """Name iteration `iteration` in the tracker, once every rank's shards are on disk."""
+    dist.barrier()
     if dist.get_rank() == 0:
         tracker = os.path.join(save_dir, TRACKER)
         with open(tracker + ".tmp", "w") as f:
@@ -85,23 +151,20 @@ def load_checkpoint(
     optimizer: MegatronOptimizer,
     opt_param_scheduler: OptimizerParamScheduler,
     load_rng: bool = True,
+    fully_parallel: bool = False,
 ) -> Optional[dict]:
     """Restore the latest complete checkpoint under `load_dir` into the given (freshly
-    built) model, optimizer and scheduler, under any TP/PP/DP layout. Returns the saved
-    `state`, or None when nothing was ever saved there. Collective."""
-    path = latest_checkpoint(load_dir)
-    if path is None:
+    built) model, optimizer and scheduler, under any TP/PP/DP layout its format allows
+    (check_resumable). Returns the saved `state`, or None when nothing was ever saved
+    there. fully_parallel: each replicated shard is read by one DP rank and sent to the
+    others. Collective."""
+    layout = _layout()
+    checked = check_resumable(load_dir, layout["tp"], layout["pp"], optimizer.config.use_distributed_optimizer)
+    if checked is None:
         return None
+    path, common = checked
     if torch_adam.needed():
         torch_adam.install()
-    common = dist_checkpointing.load_common_state_dict(path)
-    distributed = optimizer.config.use_distributed_optimizer
-    if common["distributed_optimizer"] != distributed:
-        # Megatron's distributed and regular optimizers keep different state structures.
-        raise RuntimeError(
-            f"--load {load_dir}: {path} was saved {'with' if not distributed else 'without'} "
-            "--use-distributed-optimizer; resume with the same setting"
-        )
     saved_vocab = common.get("padded_vocab_size")
     if saved_vocab is not None and saved_vocab != _padded_vocab_size(model):
         # Megatron loads embedding and output rows across a size change without a word
@@ -114,25 +177,60 @@ def load_checkpoint(
     saved_layout = common["layout"]
     # Another layout has other RNG shards (and their streams would not line up with
     # the new ranks anyway); they only drive dropout, so fresh seeds are harmless.
-    with_rng = load_rng and saved_layout == _layout()
+    with_rng = load_rng and saved_layout == layout
     if load_rng and not with_rng and dist.get_rank() == 0:
         print(
-            f"checkpoint {path} was saved with layout {saved_layout}, this run has {_layout()}: "
+            f"checkpoint {path} was saved with layout {saved_layout}, this run has {layout}: "
             "resharding model and optimizer; RNG states are not restored (they only affect dropout)",
             flush=True,
         )
     _allocate_optimizer_state(optimizer)
-    loaded = dist_checkpointing.load(
-        _sharded_state_dict(model, optimizer, with_rng=with_rng, is_loading=True), path
-    )
+    strategy = get_default_load_sharded_strategy(path)
+    if fully_parallel:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, parallel_state.get_data_parallel_group())
+    sharded = _sharded_state_dict(model, optimizer, _saved_sharding_type(common), with_rng=with_rng, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, path, strategy)
     for key, chunk in zip(_model_keys(model), unwrap_model(model)):
         chunk.load_state_dict(loaded[key])
-    optimizer.load_state_dict(loaded["optimizer"])
+    # Under fp32 the distributed optimizer's main params are views of the model's, which
+    # require grad; Megatron copies the per-rank format into them in place.
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
     # After the optimizer, whose param groups carry the saved learning rate.
     opt_param_scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if with_rng:
         _set_rng_state(loaded["rng_state"])
     return loaded["state"]
+
+
+def check_resumable(load_dir: str, tp: int, pp: int, distributed_optimizer: bool) -> Optional[tuple]:
+    """(directory, common state) of the latest checkpoint under `load_dir` if a run with
+    these settings can load it; None when there is none. Raises RuntimeError naming --load
+    when it cannot."""
+    path = latest_checkpoint(load_dir)
+    if path is None:
+        return None
+    common = dist_checkpointing.load_common_state_dict(path)
+    if common["distributed_optimizer"] != distributed_optimizer:
+        # Megatron's distributed and regular optimizers keep different state structures.
+        raise RuntimeError(
+            f"--load {load_dir}: {path} was saved {'with' if not distributed_optimizer else 'without'} "
+            "--use-distributed-optimizer; resume with the same setting"
+        )
+    saved = common["layout"]
+    if distributed_optimizer and _saved_sharding_type(common) == PER_RANK and (saved["tp"], saved["pp"]) != (tp, pp):
+        raise RuntimeError(
+            f"--load {load_dir}: {path} holds the distributed optimizer's state per DP rank, which loads only "
+            f"under its --tensor-model-parallel-size {saved['tp']} and --pipeline-model-parallel-size "
+            f"{saved['pp']} (this run: {tp} and {pp}). Resume under those sizes and save with "
+            "--dist-ckpt-optim-fully-reshardable, then change the layout."
+        )
+    return path, common
+
+
+def _saved_sharding_type(common: dict) -> str:
+    # Checkpoints that predate the record were all saved fully reshardable.
+    return common.get("distrib_optim_sharding_type", RESHARDABLE)
 
 
 def saved_padded_vocab_size(load_dir: str) -> Optional[int]:
@@ -192,12 +290,12 @@ def _model_keys(model: List[torch.nn.Module]) -> List[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
-def _sharded_state_dict(model, optimizer, with_rng: bool, is_loading: bool) -> dict:
+def _sharded_state_dict(model, optimizer, sharding_type: str, with_rng: bool, is_loading: bool) -> dict:
     # Unwrapped, the keys are the GPTModel's own (as in Megatron-LM checkpoints), not DDP's.
     chunks = zip(_model_keys(model), unwrap_model(model))
     sharded = {key: chunk.sharded_state_dict() for key, chunk in chunks}
     sharded["optimizer"] = optimizer.sharded_state_dict(
-        dict(sharded), is_loading=is_loading, metadata=_OPTIMIZER_METADATA
+        dict(sharded), is_loading=is_loading, metadata=_optimizer_metadata(sharding_type)
     )
     if with_rng:
         sharded["rng_state"] = _rng_state()

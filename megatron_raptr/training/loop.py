@@ -209,6 +209,7 @@ class Trainer:
                     hook.on_stage_start(self.schedule, stage, state.iteration)
                 log(f"entering stage {stage} at iteration {state.iteration}: {self.schedule.stage_summary(stage)}")
             record = self.train_step(state, data_iterator)
+            checkpointing.finalize_saves(blocking=False)  # commit a background save as soon as it is written
             state.elapsed_s = record["elapsed_s"] = time.perf_counter() - started
             self.metrics.train(record)
             interval_steps += 1
@@ -226,6 +227,7 @@ class Trainer:
                 reason = "SIGTERM received" if signalled else f"--exit-interval {args.exit_interval}"
                 log(f" exiting at iteration {state.iteration} ({reason})")
                 break
+        checkpointing.finalize_saves()  # before the process exits
         self.metrics.close()
         return val_loss
 
@@ -249,8 +251,11 @@ class Trainer:
         checkpointing.save_checkpoint(
             self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
             dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed),
+            async_save=self.args.async_save, fully_parallel=self.args.ckpt_fully_parallel_save,
+            optim_fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable,
         )
-        log(f" saved checkpoint at iteration {state.iteration} to {self.args.save}")
+        log(f" {'started saving' if self.args.async_save else 'saved'} checkpoint at iteration {state.iteration} "
+            f"to {self.args.save}")
 
     def _log_progress(self, record: dict, seconds_per_step: float) -> None:
         args = self.args
@@ -309,7 +314,7 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
     state = TrainState()
     if args.load:
         saved = checkpointing.load_checkpoint(args.load, trainer.model, trainer.optimizer, trainer.scheduler,
-                                              load_rng=not args.no_load_rng)
+                                              load_rng=not args.no_load_rng, fully_parallel=args.ckpt_fully_parallel_load)
         if saved is not None:
             state = TrainState(**{key: saved[key] for key in asdict(state)})
             log(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
