@@ -105,16 +105,18 @@ def per_layer_param_layout(module, ddp_config):
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.param_layout import FullParamLayout, PerBufferParamLayout
 
+    # A layer larger than an explicit --ddp-bucket-size is split into buckets of about that size.
+    bucket_size = ddp_config.bucket_size if ddp_config.overlap_grad_reduce else None
     if ddp_config.use_distributed_optimizer:
         dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
         def part_layout(params):
-            return DistributedOptimizer._compute_per_buffer_param_layout(params, None, dp_size, ddp_config)
+            return DistributedOptimizer._compute_per_buffer_param_layout(params, bucket_size, dp_size, ddp_config)
     else:
         dp_size = None
 
         def part_layout(params):
-            return _compute_default_per_buffer_param_layout(params, None)
+            return _compute_default_per_buffer_param_layout(params, bucket_size)
 
     owner = {param: layer for layer in module.modules() if isinstance(layer, TransformerLayer)
              for param in layer.parameters()}
@@ -133,5 +135,11 @@ def per_layer_param_layout(module, ddp_config):
             layout.bucket_indices += [(start + end, stop + end) for start, stop in part.bucket_indices]
             layout.per_bucket_numel_unpadded += part.per_bucket_numel_unpadded
             end = layout.bucket_indices[-1][1]
+        if ddp_config.use_distributed_optimizer:
+            # Megatron-Core's fully_reshardable checkpoint gathers the optimizer state of a buffer
+            # as its buckets without their end padding, then slices it at the parameters' padded
+            # offsets ("param range exceeds unpadded buffer"). Counting every bucket's padding but
+            # the last one's as content keeps the two aligned.
+            layout.per_bucket_numel_unpadded[:-1] = [stop - start for start, stop in layout.bucket_indices[:-1]]
         layouts[key] = layout
     return FullParamLayout(layouts=layouts)
