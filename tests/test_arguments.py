@@ -111,6 +111,10 @@ def test_each_method_flag_chooses_its_method_with_defaults():
      "--raptr-fixed-layers: expected layer numbers separated by commas or spaces, got '1,x'"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--exit-signal-handler"], 1, "--exit-signal-handler needs --save"),
+    (["--async-save"], 1, "--async-save needs --save"),
+    # Refused before --save is created.
+    (["--save", "never-created", "--dist-ckpt-optim-fully-reshardable"], 1,
+     "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
 ])
 def test_bad_arguments_name_the_flag(extra, world_size, message, capsys):

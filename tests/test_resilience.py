@@ -66,10 +66,12 @@ def test_diverged_run_exits_nonzero_before_saving_the_broken_state(tmp_path):
 
 
 def test_sigterm_to_one_rank_saves_on_every_rank_and_resuming_repeats_the_run(tmp_path):
-    """Only rank 0 gets SIGTERM; rank 1 (the last, which writes the metrics) must stop with it."""
+    """Only rank 0 gets SIGTERM; rank 1 (the last, which writes the metrics) must stop with it.
+    Saves are asynchronous, every 2 steps: the one SIGTERM triggers must still be committed before exit."""
     save, iters = tmp_path / "ckpt", 60
     common = [*MODEL, *RAPTR, "--train-iters", str(iters), "--save", str(save)]
-    job = torchrun(*common, "--exit-signal-handler", "--metrics-file", tmp_path / "interrupted.jsonl")
+    job = torchrun(*common, "--exit-signal-handler", "--async-save", "--save-interval", "2",
+                   "--metrics-file", tmp_path / "interrupted.jsonl")
     wait_for_iterations(job, tmp_path / "interrupted.jsonl", 3)
     worker(job, 0).terminate()
     output = finish(job, 60)
