@@ -16,8 +16,16 @@ layer, each transformer layer gets a bucket of its own where Megatron takes a
 parameter layout (``full_param_layout``, megatron-core 0.17+), with or without the
 distributed optimizer; on 0.16 Megatron's size-based buckets stay, and only buckets
 entirely off the path are skipped.
-The parameter all-gather of the distributed optimizer is untouched: skipped layers
-still take an optimizer step (weight decay, Adam momentum).
+Gathering: the distributed optimizer all-gathers every bucket's parameters after each
+step. Where the optimizer leaves skipped layers unchanged (``--raptr-skip-optimizer-step``,
+megatron_raptr/frozen.py sets ``skipped_take_no_step``), a bucket group whose parameters
+were all skipped needs no all-gather: every rank already holds its values. Without
+``overlap_param_gather`` the all-gather after the step leaves such groups out. With it,
+Megatron gathers a group in the forward pre-hooks of its modules, which skipped layers
+never run: a group changed by the last step whose parameters are all off this step's path
+is gathered before the forward instead, and the prefetch chain links only the groups the
+hooks will gather. A group is marked gathered (``param_gather_dispatched``) exactly when
+the last optimizer step left it unchanged, which is what the next forward's hooks read.
 """
 
 import inspect
@@ -40,15 +48,24 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
             kwargs["full_param_layout"] = per_layer_param_layout(module, ddp_config)
         super().__init__(config, ddp_config, module, *args, **kwargs)
         self._skipped = ()
+        self._off_path_groups = set()  # bucket groups whose parameters are all skipped this step
         self._idle_groups = set()
         self._skipped_reported = False
+        self.skipped_take_no_step = False
+
+    @property
+    def skipped_parameters(self) -> tuple:
+        return self._skipped
 
     def set_skipped_parameters(self, params: Iterable) -> None:
-        """Parameters of this step's off-path layers; call before the step's forward."""
+        """Parameters of this step's off-path layers; call before the step's forward (and after the
+        previous optimizer step)."""
         self._skipped = tuple(params)
-        if self.skip_idle_grad_comm:
-            skipped = set(self._skipped)
-            self._idle_groups = {group for group in self._all_bucket_groups() if group.params <= skipped}
+        skipped = set(self._skipped)
+        self._off_path_groups = {group for group in self._all_bucket_groups() if group.params <= skipped}
+        self._idle_groups = self._off_path_groups if self.skip_idle_grad_comm else set()
+        if self.ddp_config.overlap_param_gather:
+            self._prepare_param_gather()
 
     @contextmanager
     def no_sync(self):
@@ -66,6 +83,49 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
         self._report_skipped_ready()
         for group in self._busy_bucket_groups():
             group.finish_grad_sync(force_all_reduce=force_all_reduce)
+        if self.ddp_config.overlap_param_gather:
+            self._mark_params_to_gather()
+
+    @contextmanager
+    def param_sync_of_changed_groups(self):
+        """Around the optimizer step (without overlap_param_gather): the all-gather after it
+        leaves out the groups the step leaves unchanged. Megatron's all-gather walks these
+        lists (DistributedDataParallel.start_param_sync; megatron-core 0.19's
+        DistributedOptimizer walks them itself)."""
+        if self.ddp_config.overlap_param_gather or not self.skipped_take_no_step:
+            yield
+            return
+        groups = self.bucket_groups, self.expert_parallel_bucket_groups
+        self.bucket_groups, self.expert_parallel_bucket_groups = (
+            [group for group in part if group not in self._off_path_groups] for part in groups)
+        try:
+            yield
+        finally:
+            self.bucket_groups, self.expert_parallel_bucket_groups = groups
+
+    def _mark_params_to_gather(self):
+        # After the backward, before the optimizer step; Megatron marks every group it reduced as
+        # not gathered (start_grad_sync). The forward has finished every gather (hooks, or
+        # _prepare_param_gather), except prefetches into layers that did not run: wait for those.
+        unchanged = self._off_path_groups if self.skipped_take_no_step else set()
+        for group in self._all_bucket_groups():
+            if group.param_gather_handle is not None:
+                group.finish_param_sync(skip_next_bucket_dispatch=True)
+            group.param_gather_dispatched = group in unchanged
+
+    def _prepare_param_gather(self):
+        # Before the forward: gather now what the last step changed and no hook of this step will
+        # gather; chain the prefetches over the groups the hooks will gather, in Megatron's order.
+        for groups in (self.bucket_groups, self.expert_parallel_bucket_groups):
+            pending = [group for group in reversed(groups) if not group.param_gather_dispatched]
+            for group in pending:
+                if group in self._off_path_groups:
+                    group.start_param_sync(force_sync=True)
+            hooked = [group for group in pending if not group.param_gather_dispatched]
+            for group in groups:
+                group.next_param_gather_bucket_group = None
+            for group, following in zip(hooked, hooked[1:]):
+                group.next_param_gather_bucket_group = following
 
     def zero_grad_buffer(self):
         super().zero_grad_buffer()

@@ -117,6 +117,9 @@ def _check_args(args) -> None:
             "RaPTr does not run under --use-megatron-fsdp or --use-torch-fsdp2: a skipped layer's "
             "parameter shards would never be reduced or gathered. Use Megatron's DDP, with "
             "--use-distributed-optimizer to shard the optimizer state")
+    if args.raptr_skip_optimizer_step:
+        raise ValueError("--raptr-skip-optimizer-step: in Megatron-LM's loop not wired up yet; "
+                         "it runs with pretrain_raptr.py")
     if args.overlap_param_gather:
         raise ValueError("RaPTr does not support --overlap-param-gather: its parameter all-gathers are "
                          "waited for in forward hooks, which skipped layers never run")

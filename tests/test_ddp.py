@@ -62,16 +62,9 @@ def _train(options, skip, initial, batch):
 
 
 def _job():
-    from megatron.core import parallel_state
-
-    from megatron_raptr import get_gpt_raptr_layer_spec
-    from megatron_raptr.training.initialize import initialize_distributed
     from tests import tiny_gpt
 
-    initialize_distributed()
-    model, _ = tiny_gpt.build_gpt(layer_spec=get_gpt_raptr_layer_spec())
-    initial = [param.detach().clone() for param in model.parameters()]
-    batch = tiny_gpt.global_batch().chunk(2)[parallel_state.get_data_parallel_rank()]
+    initial, batch = tiny_gpt.raptr_start()
     return [{skip: _train(options, skip, initial, batch) for skip in (True, False)} for options in CONFIGS]
 
 

@@ -157,6 +157,7 @@ def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
     ([], {"use_megatron_fsdp": True}, "--use-megatron-fsdp"),
     (["--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce"], {}, "--overlap-param-gather"),
     (["--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"], {}, "--spec"),
+    (["--raptr-skip-optimizer-step"], {}, "--raptr-skip-optimizer-step: in Megatron-LM's loop"),
     (["--raptr-schedule", "2@0,5@4"], {}, "--num-layers"),
     (["--pld-theta", "0.5"], {}, "--pld-theta: in Megatron-LM's loop only RaPTr"),
     (["--cuda-graph-impl", "local"], {}, "CUDA graphs \\(--cuda-graph-impl local"),

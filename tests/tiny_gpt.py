@@ -51,7 +51,7 @@ def build_gpt(position_embedding_type="learned_absolute", layer_spec=None, **con
     return model, config
 
 
-def wrap(model, config, use_distributed_optimizer=False, overlap_grad_reduce=False,
+def wrap(model, config, use_distributed_optimizer=False, overlap_grad_reduce=False, overlap_param_gather=False,
          ddp_class=DistributedDataParallel, bucket_size=None, **ddp_kwargs):
     """Megatron DDP (or `ddp_class`, given `ddp_kwargs`) around `model` plus an Adam optimizer
     (bf16 with fp32 main weights if config.bf16, else fp32); sets the training-loop hooks on `config`."""
@@ -62,6 +62,7 @@ def wrap(model, config, use_distributed_optimizer=False, overlap_grad_reduce=Fal
         ddp_config=DistributedDataParallelConfig(
             use_distributed_optimizer=use_distributed_optimizer,
             overlap_grad_reduce=overlap_grad_reduce,
+            overlap_param_gather=overlap_param_gather,
             bucket_size=bucket_size,
         ),
         module=model,
@@ -72,6 +73,7 @@ def wrap(model, config, use_distributed_optimizer=False, overlap_grad_reduce=Fal
             optimizer="adam",
             lr=1e-3,
             use_distributed_optimizer=use_distributed_optimizer,
+            overlap_param_gather=overlap_param_gather,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
         ),
@@ -82,6 +84,19 @@ def wrap(model, config, use_distributed_optimizer=False, overlap_grad_reduce=Fal
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return ddp, optimizer
+
+
+def raptr_start():
+    """Initializes the process group; returns the initial weights of a RaPTr-gated GPT and this
+    data-parallel rank's share of global_batch(), for runs that must start alike."""
+    from megatron_raptr import get_gpt_raptr_layer_spec
+    from megatron_raptr.training.initialize import initialize_distributed
+
+    initialize_distributed()
+    model, _ = build_gpt(layer_spec=get_gpt_raptr_layer_spec())
+    initial = [param.detach().clone() for param in model.parameters()]
+    batches = global_batch().chunk(parallel_state.get_data_parallel_world_size())
+    return initial, batches[parallel_state.get_data_parallel_rank()]
 
 
 def global_batch(seed=0):

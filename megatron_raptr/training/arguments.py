@@ -142,6 +142,10 @@ def _add_raptr_args(parser):
     group.add_argument("--raptr-skip-grad-comm", action=argparse.BooleanOptionalAction, default=True,
                        help="do not reduce the gradient buckets of layers off the step's path across "
                             "data-parallel ranks (they are zero on every rank); any method")
+    group.add_argument("--raptr-skip-optimizer-step", action=argparse.BooleanOptionalAction, default=False,
+                       help="layers off the step's path take no optimizer step (weights and Adam state unchanged, "
+                            "no weight decay, one shared step count) and, with the distributed optimizer, no "
+                            "parameter all-gather; any method")
 
 
 def _add_stacking_args(parser):
