@@ -44,7 +44,7 @@ args=(
     --seq-length "$SEQ_LENGTH" --max-position-embeddings 512
     --mask-prob 0.15 --short-seq-prob 0.1
     --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
-    --use-distributed-optimizer --overlap-grad-reduce --bf16
+    --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --bf16
     --micro-batch-size "${MBS:-32}" --global-batch-size "${GBS:-256}" --train-iters "$TRAIN_ITERS"
     --lr "${LR:-1e-4}" --min-lr "${MIN_LR:-1e-5}" --lr-decay-style linear
     --lr-warmup-iters $((TRAIN_ITERS / 100)) --weight-decay 0.01 --clip-grad 1.0

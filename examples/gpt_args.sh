@@ -49,7 +49,7 @@ GPT_ARGS=(
     "${model[@]}" --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
     --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.02
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-    --use-distributed-optimizer --overlap-grad-reduce --bf16
+    --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --bf16
     --micro-batch-size "${MBS:-4}" --global-batch-size "${GBS:-256}"
     --train-iters "${TRAIN_ITERS:-20000}"
     --lr "${LR:-3e-4}" --min-lr "${MIN_LR:-3e-5}" --lr-decay-style cosine --lr-warmup-iters 2000

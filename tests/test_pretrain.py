@@ -84,11 +84,20 @@ def test_baseline_equals_full_model_schedule_and_bf16_tracks_fp32(tmp_path):
     assert losses(bf16) == pytest.approx(losses(raptr), rel=0.02)
 
 
-def test_overlapped_grad_reduce_with_distributed_optimizer_matches_plain_ddp(tmp_path):
-    plain, _ = run(tmp_path, "plain", RAPTR)
+def test_overlapped_grad_reduce_and_param_gather_with_distributed_optimizer_match_plain_ddp(tmp_path):
+    """With the parameter all-gather overlapped with the next forward, the checkpoint saved right
+    after the last step (no evaluation, whose forward would gather) must hold every rank's update."""
+    plain, plain_evals = run(tmp_path, "plain", RAPTR)
     overlapped, _ = run(tmp_path, "overlap", RAPTR + ["--overlap-grad-reduce", "--use-distributed-optimizer"])
-    assert [r["active_layers"] for r in plain] == [r["active_layers"] for r in overlapped]
-    assert losses(overlapped) == pytest.approx(losses(plain), rel=1e-6)
+    gathered, _ = run(tmp_path, "param-gather", RAPTR + [
+        "--overlap-grad-reduce", "--use-distributed-optimizer", "--overlap-param-gather",
+        "--save", str(tmp_path / "ckpt"), "--eval-iters", "0"])
+    for run_records in (overlapped, gathered):
+        assert [r["active_layers"] for r in plain] == [r["active_layers"] for r in run_records]
+        assert losses(run_records) == pytest.approx(losses(plain), rel=1e-6)
+    _, reloaded = run(tmp_path, "reloaded", RAPTR + ["--load", str(tmp_path / "ckpt"), "--skip-train",
+                                                     "--use-distributed-optimizer"])
+    assert reloaded[0]["val_loss"] == pytest.approx(plain_evals[-1]["val_loss"], rel=1e-6)
 
 
 def test_resume_repeats_the_run_under_every_layout(tmp_path):

@@ -48,6 +48,9 @@ def _add_parallel_args(parser):
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--overlap-grad-reduce", action="store_true")
+    group.add_argument("--overlap-param-gather", action="store_true",
+                       help="all-gather the distributed optimizer's parameters during the next forward "
+                            "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
     group.add_argument("--ddp-bucket-size", type=int, default=None,
                        help="parameters per gradient bucket under --overlap-grad-reduce (Megatron's default: "
                             "max(40M, 1M x DP size)); without overlap there is one bucket")
@@ -244,8 +247,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--bf16 and --fp16 are exclusive")
     bert.validate_args(args)
     args.unfused = resolve_fusions(args)  # what the one line of Megatron fallbacks names
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise ValueError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     if args.overlap_grad_reduce and args.data_parallel_size == 1:
-        args.overlap_grad_reduce = False  # nothing to overlap with
+        args.overlap_grad_reduce = args.overlap_param_gather = False  # nothing to overlap with
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     if args.max_position_embeddings < args.seq_length:

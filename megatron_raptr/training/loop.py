@@ -4,7 +4,7 @@ stacking, progressive layer dropping or the full model: megatron_raptr/methods.p
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -164,10 +164,30 @@ class Trainer:
                 "so no checkpoint holds this state. --no-check-for-nan-in-loss-and-grad trains on regardless."
             )
 
+    @contextmanager
+    def parameters_gathered(self):
+        """With --overlap-param-gather the optimizer step leaves its all-gather to the next training
+        forward's hooks; evaluation and checkpoints need the updated parameters now. As Megatron-LM:
+        the hooks are off meanwhile, after one synchronous all-gather."""
+        if not self.args.overlap_param_gather:
+            yield
+            return
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
+
     @torch.no_grad()
     def evaluate(self, valid_dataset) -> Optional[float]:
         """Validation loss of the full model (eval mode runs every layer, unscaled), or of the
         layers that exist so far under gradual stacking (its path gates evaluation too)."""
+        with self.parameters_gathered():
+            return self._evaluate(valid_dataset)
+
+    def _evaluate(self, valid_dataset) -> Optional[float]:
         for chunk in self.model:
             chunk.eval()
         iterator = data.build_data_iterator(
@@ -248,6 +268,10 @@ class Trainer:
         return losses[0] if losses else None
 
     def save(self, state: TrainState) -> None:
+        with self.parameters_gathered():
+            self._save(state)
+
+    def _save(self, state: TrainState) -> None:
         checkpointing.save_checkpoint(
             self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
             dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed),

@@ -152,6 +152,7 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[tor
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
         bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
@@ -176,6 +177,7 @@ def build_optimizer(
             fp16=args.fp16,
             params_dtype=params_dtype(args),
             use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_param_gather=args.overlap_param_gather,
         ),
         model,
     )
