@@ -37,13 +37,17 @@ def runs(tmp_path_factory):
     run_distributed(_pretrain_each, 1, [
         argv("stacking", *STACKING),
         # Saved just before the boundary at 10, resumed across it, saved again, then finished in full.
-        argv("stacking-first-half", *STACKING, "--save", ckpt("stacking-10"), "--exit-interval", "10"),
+        # Loaded under other layouts below: the distributed optimizer's state saved fully reshardable
+        # (stacking-14, loaded under the same layout, has it per rank).
+        argv("stacking-first-half", *STACKING, "--save", ckpt("stacking-10"), "--exit-interval", "10",
+             "--dist-ckpt-optim-fully-reshardable"),
         argv("stacking-resumed", *STACKING, "--load", ckpt("stacking-10"), "--save", ckpt("stacking-14"),
              "--exit-interval", "14"),
         argv("stacking-then-full", "--train-iters", "20", "--eval-interval", "5", "--use-distributed-optimizer",
              "--load", ckpt("stacking-14")),
         argv("pld", *PLD),
-        argv("pld-first-half", *PLD, "--save", ckpt("pld-4"), "--exit-interval", "4"),
+        argv("pld-first-half", *PLD, "--save", ckpt("pld-4"), "--exit-interval", "4",
+             "--dist-ckpt-optim-fully-reshardable"),
         argv("pld-resumed", *PLD, "--load", ckpt("pld-4")),
         argv("pld-8-layers", *PLD_8_LAYERS),
         argv("raptr", *RAPTR_TO_FULL),
