@@ -29,16 +29,10 @@ def gpt(spec, dtype=torch.float32, dropout=0.0, **config):
     return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ).to(dtype)
 
 
-@pytest.fixture(autouse=True)
-def rng_states():
-    global TRACKER_STATES
-    TRACKER_STATES = tensor_parallel.get_cuda_rng_tracker().get_states()
-
-
 def reset_rng():
     """The same RNG states every time: hidden dropout's (torch's) and attention dropout's (the tracker's)."""
     torch.manual_seed(5)
-    tensor_parallel.get_cuda_rng_tracker().set_states(dict(TRACKER_STATES))  # the tracker updates it in place
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
 
 
 def run(layer, x, scale):
