@@ -1,11 +1,15 @@
 """A kept layer's scale s multiplies its update u: y = x + s * u, with u never a difference of rounded tensors."""
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 
 from megatron_raptr import get_gpt_raptr_layer_spec
 from megatron_raptr.training.initialize import destroy_distributed, initialize_distributed
@@ -77,8 +81,6 @@ def test_half_precision_scaled_update_is_rounded_once(scale, dtype):
 def test_unit_scale_is_megatrons_layer_bit_for_bit():
     """bf16 with dropout: output and gradients equal a plain TransformerLayer's, and Megatron's own
     bias-dropout-add runs (no extra work)."""
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-
     plain = gpt(get_gpt_layer_local_spec(), torch.bfloat16, dropout=0.1).decoder.layers[1]
     raptr = gpt(get_gpt_raptr_layer_spec(), torch.bfloat16, dropout=0.1).decoder.layers[1]
     raptr.load_state_dict(plain.state_dict())
@@ -134,3 +136,13 @@ def test_activation_recompute_reproduces_the_scaled_layers(recompute):
     assert torch.equal(loss, recomputed_loss)
     for a, b in zip(grads, recomputed_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_a_layer_without_an_mlp_refuses_a_scale():
+    """The scale is applied in the MLP's bias-dropout-add: an attention-only layer would silently not scale."""
+    spec = get_gpt_raptr_layer_spec()
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp))
+    layer = gpt(spec).decoder.layers[1]
+    with pytest.raises(ValueError, match=r"layer 2: RaPTr scale 2.0 .* \(mlp_bda\)"):
+        run(layer, torch.randn(SEQ, BATCH, HIDDEN), 2.0)
