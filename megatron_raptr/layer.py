@@ -8,6 +8,7 @@ the path says it gates evaluation too (gradual stacking's prefix).
 """
 
 import dataclasses
+import functools
 from typing import Dict, List, Sequence, Union
 
 import torch
@@ -26,7 +27,15 @@ from megatron_raptr.sampler import Path
 
 
 class RaptrTransformerLayer(TransformerLayer):
-    """A TransformerLayer gated by the step's path: y = x + z * s * (layer(x) - x)."""
+    """A TransformerLayer gated by the step's path: y = x + z * s * u, u = layer(x) - x its update.
+
+    A scale s != 1 is applied in the layer's residual adds (Megatron's bias-dropout-adds), where
+    each sublayer's update exists on its own: ``layer(x) - x`` would be a difference of two rounded
+    tensors, which in bf16 with |u| << |x| keeps few of u's bits, and s > 1 amplifies that loss.
+    Each add runs Megatron's own kernel against a zero residual (the same dropout mask), gives the
+    next sublayer x + u_attn as Megatron would, and the last one (the MLP's) returns
+    x + s * (u_attn + u_mlp) computed in at least fp32 and rounded once.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -34,6 +43,11 @@ class RaptrTransformerLayer(TransformerLayer):
         self.raptr_scale = 1.0
         self.raptr_gates_eval = False
         self.raptr_ends_stage = False  # its output is its pipeline stage's (set by PathSetter)
+        self._scaled_forward = None  # during a scaled forward: the layer input, the fp32 sum of the updates
+        for name in ("self_attn_bda", "cross_attn_bda", "mlp_bda"):
+            bda = getattr(self, name)
+            if not isinstance(bda, torch.nn.Module):  # IdentityFuncOp: no sublayer, no residual add
+                setattr(self, name, functools.partial(self._residual_add, bda, name == "mlp_bda"))
 
     def forward(self, *args, **kwargs):
         if not self.training and not self.raptr_gates_eval:
@@ -47,10 +61,32 @@ class RaptrTransformerLayer(TransformerLayer):
                 # earlier output (the checkpoint returns its input as one). A copy is what gets freed.
                 hidden_states = hidden_states.clone()
             return hidden_states, kwargs.get("context")
-        output, context = super().forward(*args, **kwargs)
-        if self.raptr_scale != 1.0:
-            output = torch.lerp(hidden_states, output, self.raptr_scale)
-        return output, context
+        if self.raptr_scale == 1.0:
+            return super().forward(*args, **kwargs)
+        if isinstance(self.mlp_bda, torch.nn.Module):
+            raise ValueError(f"layer {self.layer_number}: RaPTr scale {self.raptr_scale} is applied in the "
+                             f"MLP's bias-dropout-add (mlp_bda), which this layer's spec does not have")
+        self._scaled_forward = {}
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._scaled_forward = None
+
+    def _residual_add(self, megatron_bda, last, training, fused):
+        """Megatron's bias-dropout-add (a ``bda(training, fused)`` factory), scaled in a scaled forward."""
+        add = megatron_bda(training, fused)
+        if self._scaled_forward is None:
+            return add
+        return functools.partial(self._scaled_add, add, last)
+
+    def _scaled_add(self, add, last, x_with_bias, residual, prob):
+        update = add(x_with_bias, residual.new_zeros(()), prob)  # the sublayer's update alone
+        layer_input = self._scaled_forward.setdefault("input", residual)
+        total = update.to(torch.promote_types(update.dtype, torch.float32)) + self._scaled_forward.get("update", 0.0)
+        if not last:
+            self._scaled_forward["update"] = total
+            return residual.to(update.dtype) + update  # the next sublayer's input, as Megatron's add gives it
+        return (layer_input.to(total.dtype) + self.raptr_scale * total).to(update.dtype)
 
 
 def raptr_layer_spec(spec: ModuleSpec) -> ModuleSpec:
