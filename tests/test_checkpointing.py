@@ -39,15 +39,16 @@ def _argv(root, *extra):
     return ARGV + ["--tokenizer-model", os.path.join(root, "spm.model"), *extra]
 
 
-def _build(root, optimizer, tp, pp, seed, load=()):
-    """Built as pretrain() builds it; `load` ("--load", DIR) sizes the vocabulary as that checkpoint's."""
+def _build(root, optimizer, tp, pp, seed, extra=()):
+    """Built as pretrain() builds it, with `extra` flags; ("--load", DIR) sizes the vocabulary as that
+    checkpoint's."""
     from megatron.core import parallel_state
 
     from megatron_raptr.training.arguments import parse_args
     from megatron_raptr.training.initialize import initialize_distributed
     from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
 
-    argv = _argv(root, *OPTIMIZERS[optimizer], *load)
+    argv = _argv(root, *OPTIMIZERS[optimizer], *extra)
     argv += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     args = parse_args(argv, world_size=2)
     parallel_state.destroy_model_parallel()  # fresh model-parallel groups for this layout
@@ -204,7 +205,7 @@ def _checkpoint_job(root):
     for optimizer in OPTIMIZERS:
         for case, (tp, pp) in CASES.items():
             load_dir = _saved_dir(root, optimizer, case)
-            run = _build(root, optimizer, tp, pp, seed=99, load=("--load", load_dir))
+            run = _build(root, optimizer, tp, pp, seed=99, extra=("--load", load_dir))
             state = checkpointing.load_checkpoint(load_dir, *run[:3], fully_parallel=case == "same")
             rng = _rng_draws()
             losses = _train(run, RESUMED_STEPS)
@@ -344,3 +345,27 @@ def test_per_rank_optimizer_state_under_another_layout_is_refused_before_trainin
                    world_size=2)
     error = capsys.readouterr().err
     assert f"--load {load}: " in error and "--dist-ckpt-optim-fully-reshardable" in error
+
+
+def _reshardable_bucket_check(root):
+    from megatron_raptr.ddp import TAKES_PARAM_LAYOUT
+    from megatron_raptr.training import checkpointing
+
+    model = _build(root, "distributed-adam", 1, 1, seed=1234,
+                   extra=("--overlap-grad-reduce", "--ddp-bucket-size", "3000"))[0]
+    try:
+        checkpointing.check_reshardable_buckets(model)
+    except RuntimeError as error:
+        return len(model[0].buffers[0].buckets), TAKES_PARAM_LAYOUT, str(error)
+    return len(model[0].buffers[0].buckets), TAKES_PARAM_LAYOUT, None
+
+
+def test_fully_reshardable_format_is_refused_only_for_layouts_it_would_misplace(root):
+    """Megatron's own multi-bucket layout (megatron-core 0.16) is refused; RaPTr's per-layer layout
+    (0.17+) is saved and resharded by the resumes above (tp2, pp2 load the fully reshardable save)."""
+    (buckets, per_layer_layout, error), _ = run_distributed(_reshardable_bucket_check, 2, root)
+    assert buckets > 1
+    if per_layer_layout:
+        assert error is None
+    else:
+        assert "--dist-ckpt-optim-fully-reshardable" in error and "--ddp-bucket-size" in error

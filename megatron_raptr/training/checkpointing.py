@@ -290,7 +290,27 @@ def _model_keys(model: List[torch.nn.Module]) -> List[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
+def check_reshardable_buckets(model: List[torch.nn.Module]) -> None:
+    """Megatron-Core's fully_reshardable format gathers the distributed optimizer's state of a
+    buffer as its buckets without their end padding, then slices it at the parameters' padded
+    offsets: the state of buckets after a padded one lands in the wrong place. RaPTr's
+    per-layer layout (megatron-core 0.17+) counts that padding as content; Megatron's own
+    layout (0.16) with several buckets cannot be saved or loaded that way."""
+    for chunk in model:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if any(bucket.numel_unpadded != bucket.grad_data.numel() for bucket in buffer.buckets[:-1]):
+                raise RuntimeError(
+                    f"--dist-ckpt-optim-fully-reshardable: this megatron-core's fully_reshardable checkpoints "
+                    f"misplace the distributed optimizer's state when gradients are split into several buckets "
+                    f"(here {len(buffer.buckets)}). Use one bucket (no --overlap-grad-reduce, or a "
+                    "--ddp-bucket-size above the model's parameter count), megatron-core 0.17+, or the "
+                    "default per-rank format (which needs the saved TP and PP sizes)."
+                )
+
+
 def _sharded_state_dict(model, optimizer, sharding_type: str, with_rng: bool, is_loading: bool) -> dict:
+    if sharding_type == RESHARDABLE and optimizer.config.use_distributed_optimizer:
+        check_reshardable_buckets(model)
     # Unwrapped, the keys are the GPTModel's own (as in Megatron-LM checkpoints), not DDP's.
     chunks = zip(_model_keys(model), unwrap_model(model))
     sharded = {key: chunk.sharded_state_dict() for key, chunk in chunks}

@@ -335,6 +335,11 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
     if fallbacks:
         log(f"Megatron-Core uses: {', '.join(fallbacks)}")
     trainer, tokenizer = build_trainer(args, hooks or [])
+    if args.save and args.dist_ckpt_optim_fully_reshardable and args.use_distributed_optimizer:
+        try:
+            checkpointing.check_reshardable_buckets(trainer.model)  # before training, not at the first save
+        except RuntimeError as error:
+            raise TrainingStopped(str(error)) from None
     state = TrainState()
     if args.load:
         saved = checkpointing.load_checkpoint(args.load, trainer.model, trainer.optimizer, trainer.scheduler,
