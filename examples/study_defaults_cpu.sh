@@ -8,7 +8,10 @@
 # The schedules spend 0.75 of full training's layer FLOPs (tools/study.py's raptr method:
 # 6@0,8@0.25,10@0.5,12@0.75); the shape variants are growing_stages(12, 0.75, STAGES, FIRST)
 # of megatron_raptr/schedule.py. The committed results (examples/study_defaults/) were measured when the
-# default scaling was inverse-keep, so their `raptr` rows are the `scaling-inverse-keep` rows here.
+# default scaling was inverse-keep, so their `raptr` rows are the `scaling-inverse-keep` rows here;
+# auto-skip-opt-step was measured afterwards (examples/study_defaults/skip_optimizer_step.md).
+# The variants that do not name --raptr-skip-optimizer-step ran before it existed: to rerun them as
+# they were, add --no-raptr-skip-optimizer-step to their flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/study-defaults}
@@ -24,4 +27,5 @@ exec .venv/bin/python tools/study.py --preset defaults-cpu --iters 100 400 \
     --variant "none-fixed-size=--raptr-scaling none --raptr-sampling fixed-size" \
     --variant "none-no-fixed=--raptr-scaling none --raptr-fixed-layers" \
     --variant "none-rewarm=--raptr-scaling none --raptr-stage-warmup-fraction 0.05" \
-    --variant "none-fixed-first-fixed-size=--raptr-scaling none --raptr-schedule 2@0,5@0.1500,9@0.3000,12@0.4500 --raptr-sampling fixed-size"
+    --variant "none-fixed-first-fixed-size=--raptr-scaling none --raptr-schedule 2@0,5@0.1500,9@0.3000,12@0.4500 --raptr-sampling fixed-size" \
+    --variant "auto-skip-opt-step=--raptr-scaling none --raptr-schedule 2@0,5@0.1500,9@0.3000,12@0.4500 --raptr-skip-optimizer-step"

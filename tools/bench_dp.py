@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = {
-    "ddp": "--overlap-grad-reduce",
-    "distributed-optimizer": "--use-distributed-optimizer --overlap-grad-reduce",
-    # Skipped layers take no optimizer step, so their buckets need no parameter all-gather either.
+    "ddp": "--overlap-grad-reduce --no-raptr-skip-optimizer-step",
+    "distributed-optimizer": "--use-distributed-optimizer --overlap-grad-reduce --no-raptr-skip-optimizer-step",
+    # RaPTr's default: skipped layers take no optimizer step, so their buckets need no all-gather either.
     "distopt-skip-opt-step": "--use-distributed-optimizer --overlap-grad-reduce --raptr-skip-optimizer-step",
 }
 # (processes, extra flags) of each row; DP=1 has no gradient communication to skip.

@@ -145,10 +145,11 @@ def _add_raptr_args(parser):
     group.add_argument("--raptr-skip-grad-comm", action=argparse.BooleanOptionalAction, default=True,
                        help="do not reduce the gradient buckets of layers off the step's path across "
                             "data-parallel ranks (they are zero on every rank); any method")
-    group.add_argument("--raptr-skip-optimizer-step", action=argparse.BooleanOptionalAction, default=False,
+    group.add_argument("--raptr-skip-optimizer-step", action=argparse.BooleanOptionalAction, default=None,
                        help="layers off the step's path take no optimizer step (weights and Adam state unchanged, "
                             "no weight decay, one shared step count) and, with the distributed optimizer, no "
-                            "parameter all-gather; any method")
+                            "parameter all-gather; any method (default: on for RaPTr, chosen by measurement; "
+                            "off for gradual stacking and progressive layer dropping)")
 
 
 def _add_stacking_args(parser):
@@ -296,6 +297,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except ImportError:
             raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
     args.raptr = build_schedule(args)  # the run's path schedule, whatever the method
+    if args.raptr_skip_optimizer_step is None:  # the defaults study measured it for RaPTr only
+        args.raptr_skip_optimizer_step = args.method == "raptr"
 
 
 def default_num_workers() -> int:
