@@ -48,6 +48,7 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import import_module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
+from megatron_raptr.frozen import skip_optimizer_step_off_path
 from megatron_raptr.flops import schedule_flops_fraction, step_flops
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter, get_gpt_raptr_block_spec
@@ -117,9 +118,6 @@ def _check_args(args) -> None:
             "RaPTr does not run under --use-megatron-fsdp or --use-torch-fsdp2: a skipped layer's "
             "parameter shards would never be reduced or gathered. Use Megatron's DDP, with "
             "--use-distributed-optimizer to shard the optimizer state")
-    if args.raptr_skip_optimizer_step:
-        raise ValueError("--raptr-skip-optimizer-step: in Megatron-LM's loop not wired up yet; "
-                         "it runs with pretrain_raptr.py")
     if args.overlap_param_gather:
         raise ValueError("RaPTr does not support --overlap-param-gather: its parameter all-gathers are "
                          "waited for in forward hooks, which skipped layers never run")
@@ -152,11 +150,13 @@ class RaptrLoop:
         self.started = None
         self.metrics = None
 
-    def _bind(self, model, config) -> None:
-        """Once, at the first step: the model Megatron-LM built and its config."""
+    def _bind(self, model, optimizer, config) -> None:
+        """Once, at the first step: the model Megatron-LM built, its optimizer and config."""
         args = self.args
         self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
         self.set_path = PathSetter(model)
+        if args.raptr_skip_optimizer_step:
+            skip_optimizer_step_off_path(optimizer, model)
         tokens = args.global_batch_size * args.seq_length
         self.flops = functools.partial(step_flops, config, args.padded_vocab_size, args.seq_length, tokens)
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -173,7 +173,7 @@ class RaptrLoop:
         model, optimizer, config = (bound.arguments[name] for name in ("model", "optimizer", "config"))
         iteration = bound.arguments["iteration"]
         if self.sampler is None:
-            self._bind(model, config)
+            self._bind(model, optimizer, config)
             # A resumed run's FLOPs so far: the path of every step is known from its iteration.
             self.cumulative_flops = sum(self.flops(len(self.sampler.path(t).active)) for t in range(iteration))
         path = self.sampler.path(iteration)

@@ -58,6 +58,12 @@ def test_each_method_flag_chooses_its_method_with_defaults():
     for flags, theta, gamma in ((["--pld-theta", "0.3"], 0.3, 0.001), (["--pld-gamma", "0.1"], 0.5, 0.1)):
         pld = parse_args(BASE + flags)
         assert (pld.method, pld.raptr.theta_bar, pld.raptr.gamma) == ("pld", theta, gamma)
+    # Skipped layers take no optimizer step by default under RaPTr only (what the defaults study measured).
+    raptr = BASE + ["--raptr-schedule", "2@0"]
+    assert [parse_args(argv).raptr_skip_optimizer_step for argv in (
+        raptr, BASE, BASE + ["--pld-theta", "0.3"], BASE + ["--stacking-schedule", "2@0,4@5"],
+        raptr + ["--no-raptr-skip-optimizer-step"], BASE + ["--pld-theta", "0.3", "--raptr-skip-optimizer-step"],
+    )] == [True, False, False, False, False, True]
 
 
 @pytest.mark.parametrize("extra, world_size, message", [

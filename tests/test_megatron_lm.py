@@ -28,7 +28,9 @@ RAPTR = ["--raptr-schedule", "2@0,4@0.5", "--raptr-sampling", "fixed-size"]
 
 def _probe_steps(steps):
     """Wraps Megatron-LM's train_step (inside RaPTr's wrapper, installed later around it) to
-    record, per step, the matmul FLOPs this rank ran and which of its layers got gradients."""
+    record, per step, the matmul FLOPs this rank ran, which of its layers got gradients and
+    which of them the optimizer step changed."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
     from megatron.training import training
 
@@ -39,13 +41,16 @@ def _probe_steps(steps):
     @functools.wraps(original)
     def train_step(*args, **kwargs):
         model = kwargs.get("model", args[2])
+        layers = raptr_layers(model)
+        before = {layer: [p.detach().clone() for p in layer.parameters()] for layer in layers}
         with FlopCounterMode(display=False) as counter:
             result = original(*args, **kwargs)
-        layers = raptr_layers(model)
         steps.append(dict(
             iteration=kwargs["iteration"] + 1, flops=counter.get_total_flops(),
             with_grad=sorted(layer.layer_number for layer in layers
                              if any(bool(p.main_grad.count_nonzero()) for p in layer.parameters())),
+            moved=sorted(layer.layer_number for layer in layers
+                         if not all(map(torch.equal, before[layer], layer.parameters()))),
             layers=sorted(layer.layer_number for layer in layers),
         ))
         return result
@@ -82,8 +87,9 @@ def _records(tmp_path, name):
 
 
 def test_raptr_in_megatron_lm_loop_skips_layers(tmp_path):
-    """2 active layers per step, then 4, with falling loss; skipped layers cost no FLOPs and get
-    zero gradients (plain DDP: gradients are whole on every rank); the stage hook re-warms the LR."""
+    """2 active layers per step, then 4, with falling loss; skipped layers cost no FLOPs, get
+    zero gradients (plain DDP: gradients are whole on every rank) and take no optimizer step
+    (RaPTr's default); the stage hook re-warms the LR."""
     ranks = run_distributed(_train_each, 2, [_argv(tmp_path, "raptr", *RAPTR, "--raptr-verify-sync", "1",
                                                    "--raptr-stage-warmup-iters", "2")])
     train, evals = _records(tmp_path, "raptr")
@@ -102,6 +108,7 @@ def test_raptr_in_megatron_lm_loop_skips_layers(tmp_path):
         assert [s["iteration"] for s in steps] == list(range(1, 9))
         for step, record in zip(steps, train):
             assert step["with_grad"] == record["active_layers"], step
+            assert step["moved"] == (record["active_layers"] if record["lr"] > 0 else []), step  # warm-up from 0
             # Data-parallel ranks split the global batch: each runs half the step's FLOPs.
             assert step["flops"] * 2 == record["step_flops"], step
         assert steps[0]["flops"] < steps[-1]["flops"]
@@ -157,7 +164,6 @@ def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
     ([], {"use_megatron_fsdp": True}, "--use-megatron-fsdp"),
     (["--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce"], {}, "--overlap-param-gather"),
     (["--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"], {}, "--spec"),
-    (["--raptr-skip-optimizer-step"], {}, "--raptr-skip-optimizer-step: in Megatron-LM's loop"),
     (["--raptr-schedule", "2@0,5@4"], {}, "--num-layers"),
     (["--pld-theta", "0.5"], {}, "--pld-theta: in Megatron-LM's loop only RaPTr"),
     (["--cuda-graph-impl", "local"], {}, "CUDA graphs \\(--cuda-graph-impl local"),

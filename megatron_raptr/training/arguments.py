@@ -297,8 +297,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except ImportError:
             raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
     args.raptr = build_schedule(args)  # the run's path schedule, whatever the method
-    if args.raptr_skip_optimizer_step is None:  # the defaults study measured it for RaPTr only
-        args.raptr_skip_optimizer_step = args.method == "raptr"
 
 
 def default_num_workers() -> int:
@@ -324,7 +322,8 @@ def _check_writable(flag: str, directory: Optional[str]) -> None:
 
 
 def build_schedule(args: argparse.Namespace):
-    """The run's schedule, and args.method and args.method_flags (what a checkpoint records).
+    """The run's schedule, and args.method and args.method_flags (what a checkpoint records), and
+    the method's default for --raptr-skip-optimizer-step.
 
     Without a method flag, the full model at every step (the baseline).
     """
@@ -339,6 +338,8 @@ def build_schedule(args: argparse.Namespace):
     if other:
         raise ValueError(f"{_flag(given[0][1])} and {_flag(other[0])} choose different methods: give one")
     args.method = given[0][0] if given else "baseline"
+    if args.raptr_skip_optimizer_step is None:  # the defaults study measured it for RaPTr only
+        args.raptr_skip_optimizer_step = args.method == "raptr"
     args.method_flags = " ".join(f"{_flag(flag)} {getattr(args, flag)}" for _, flag in given)
     _needs(args, "raptr", ["raptr_fixed_layers", "raptr_sampling", "raptr_scaling"], "--raptr-schedule")
     _needs(args, "stacking", ["stacking_copy", "stacking_optimizer_state"], "--stacking-schedule")
