@@ -216,6 +216,13 @@ class RaptrLoop:
         return result
 
 
+class _RaptrDDPReducingEveryBucket(RaptrDistributedDataParallel):
+    """--no-raptr-skip-grad-comm: Megatron-LM builds its DDP with Megatron's arguments only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, skip_idle_grad_comm=False, **kwargs)
+
+
 _originals = {}
 
 
@@ -227,8 +234,8 @@ def _install(loop: RaptrLoop) -> None:
 
     if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
         dataset_utils.compile_helpers = lambda: None
-    training.DDP = RaptrDistributedDataParallel
-    dist_utils.DistributedDataParallel = RaptrDistributedDataParallel
+    ddp_class = RaptrDistributedDataParallel if loop.args.raptr_skip_grad_comm else _RaptrDDPReducingEveryBucket
+    training.DDP = dist_utils.DistributedDataParallel = ddp_class
     for name in ("train_step", "evaluate"):
         original = _originals.setdefault(name, getattr(training, name))
         setattr(training, name, functools.wraps(original)(functools.partial(getattr(loop, name), original)))

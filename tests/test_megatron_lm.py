@@ -52,6 +52,7 @@ def _probe_steps(steps):
             moved=sorted(layer.layer_number for layer in layers
                          if not all(map(torch.equal, before[layer], layer.parameters()))),
             layers=sorted(layer.layer_number for layer in layers),
+            skip_grad_comm=model[0].skip_idle_grad_comm,
         ))
         return result
 
@@ -121,6 +122,7 @@ def test_paths_agree_under_tensor_pipeline_and_data_parallelism(tmp_path):
         "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
         "pp2": ["--pipeline-model-parallel-size", "2"],
         "dp2": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+        "dp2-every-bucket": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--no-raptr-skip-grad-comm"],
     }
     schedule = ["--raptr-schedule", "2@0,3@0.5", "--raptr-sampling", "fixed-size", "--raptr-verify-sync", "1"]
     ranks = run_distributed(_train_each, 2, [_argv(tmp_path, name, *schedule, *extra)
@@ -131,6 +133,10 @@ def test_paths_agree_under_tensor_pipeline_and_data_parallelism(tmp_path):
     for name in layouts:
         losses = [r["lm_loss"] for r in _records(tmp_path, name)[0]]
         assert losses[-1] < losses[0], name
+    # Reducing the idle buckets too changes nothing but the communication.
+    assert [r["lm_loss"] for r in _records(tmp_path, "dp2-every-bucket")[0]] == \
+        [r["lm_loss"] for r in _records(tmp_path, "dp2")[0]]
+    assert all(run[2][0]["skip_grad_comm"] and not run[3][0]["skip_grad_comm"] for run in ranks)
     pp_steps = [run[1] for run in ranks]  # per rank: the pp2 run
     assert [s["layers"] for s in pp_steps[0][0:1]] == [[1, 2]] and [s["layers"] for s in pp_steps[1][0:1]] == [[3, 4]]
     for steps in pp_steps:
