@@ -118,9 +118,6 @@ def _check_args(args) -> None:
             "RaPTr does not run under --use-megatron-fsdp or --use-torch-fsdp2: a skipped layer's "
             "parameter shards would never be reduced or gathered. Use Megatron's DDP, with "
             "--use-distributed-optimizer to shard the optimizer state")
-    if args.overlap_param_gather:
-        raise ValueError("RaPTr does not support --overlap-param-gather: its parameter all-gathers are "
-                         "waited for in forward hooks, which skipped layers never run")
     if args.virtual_pipeline_model_parallel_size is not None:
         raise ValueError("RaPTr does not support virtual pipeline stages "
                          "(--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank)")
