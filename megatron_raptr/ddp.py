@@ -49,7 +49,6 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
         super().__init__(config, ddp_config, module, *args, **kwargs)
         self._skipped = ()
         self._off_path_groups = set()  # bucket groups whose parameters are all skipped this step
-        self._idle_groups = set()
         self._skipped_reported = False
         self.skipped_take_no_step = False
 
@@ -63,7 +62,6 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
         self._skipped = tuple(params)
         skipped = set(self._skipped)
         self._off_path_groups = {group for group in self._all_bucket_groups() if group.params <= skipped}
-        self._idle_groups = self._off_path_groups if self.skip_idle_grad_comm else set()
         if self.ddp_config.overlap_param_gather:
             self._prepare_param_gather()
 
@@ -134,19 +132,26 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
     def _all_bucket_groups(self):
         return self.bucket_groups + self.expert_parallel_bucket_groups
 
+    @property
+    def _idle_groups(self):
+        """The bucket groups not communicated this step."""
+        return self._off_path_groups if self.skip_idle_grad_comm else set()
+
     def _busy_bucket_groups(self):
-        return [group for group in self._all_bucket_groups() if group not in self._idle_groups]
+        idle = self._idle_groups
+        return [group for group in self._all_bucket_groups() if group not in idle]
 
     def _report_skipped_ready(self):
         # Evaluation runs the full model and must not count towards a training step.
         if self._skipped_reported or not self.ddp_config.overlap_grad_reduce or not self.training:
             return
         self._skipped_reported = True
+        idle = self._idle_groups
         for param in self._skipped:
             group = self.param_to_bucket_group[param]
             # An idle group must not launch; in its first step reporting only counts (no
             # launch), and those counts are what every later step's launch waits for.
-            if group not in self._idle_groups or group.is_first_batch:
+            if group not in idle or group.is_first_batch:
                 group.register_grad_ready(param, self.force_all_reduce)
 
 

@@ -185,20 +185,17 @@ class Trainer:
         """Validation loss of the full model (eval mode runs every layer, unscaled), or of the
         layers that exist so far under gradual stacking (its path gates evaluation too)."""
         with self.parameters_gathered():
-            return self._evaluate(valid_dataset)
-
-    def _evaluate(self, valid_dataset) -> Optional[float]:
-        for chunk in self.model:
-            chunk.eval()
-        iterator = data.build_data_iterator(
-            valid_dataset, self.args.micro_batch_size, parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(), consumed_samples=0, num_workers=self.args.num_workers,
-        )
-        losses = []
-        for _ in range(self.args.eval_iters):
-            losses.extend(self.forward_backward(**self.schedule_kwargs(iterator, forward_only=True)))
-        for chunk in self.model:
-            chunk.train()
+            for chunk in self.model:
+                chunk.eval()
+            iterator = data.build_data_iterator(
+                valid_dataset, self.args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(), consumed_samples=0, num_workers=self.args.num_workers,
+            )
+            losses = []
+            for _ in range(self.args.eval_iters):
+                losses.extend(self.forward_backward(**self.schedule_kwargs(iterator, forward_only=True)))
+            for chunk in self.model:
+                chunk.train()
         means = _mean_losses(losses)
         return None if means is None else means["lm loss"]
 
@@ -269,15 +266,12 @@ class Trainer:
 
     def save(self, state: TrainState) -> None:
         with self.parameters_gathered():
-            self._save(state)
-
-    def _save(self, state: TrainState) -> None:
-        checkpointing.save_checkpoint(
-            self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
-            dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed),
-            async_save=self.args.async_save, fully_parallel=self.args.ckpt_fully_parallel_save,
-            optim_fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable,
-        )
+            checkpointing.save_checkpoint(
+                self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
+                dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed),
+                async_save=self.args.async_save, fully_parallel=self.args.ckpt_fully_parallel_save,
+                optim_fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable,
+            )
         log(f" {'started saving' if self.args.async_save else 'saved'} checkpoint at iteration {state.iteration} "
             f"to {self.args.save}")
 
