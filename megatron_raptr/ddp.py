@@ -18,7 +18,7 @@ distributed optimizer; on 0.16 Megatron's size-based buckets stay, and only buck
 entirely off the path are skipped.
 Gathering: the distributed optimizer all-gathers every bucket's parameters after each
 step. Where the optimizer leaves skipped layers unchanged (``--raptr-skip-optimizer-step``,
-megatron_raptr/frozen.py sets ``skipped_take_no_step``), a bucket group whose parameters
+megatron_raptr/optimizer_step.py sets ``skipped_take_no_step``), a bucket group whose parameters
 were all skipped needs no all-gather: every rank already holds its values. Without
 ``overlap_param_gather`` the all-gather after the step leaves such groups out. With it,
 Megatron gathers a group in the forward pre-hooks of its modules, which skipped layers
@@ -51,6 +51,7 @@ class RaptrDistributedDataParallel(DistributedDataParallel):
         self._off_path_groups = set()  # bucket groups whose parameters are all skipped this step
         self._skipped_reported = False
         self.skipped_take_no_step = False
+        self.path = None  # the path applied last (PathSetter), which the optimizer step counts
 
     @property
     def skipped_parameters(self) -> tuple:

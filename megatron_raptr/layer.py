@@ -184,4 +184,5 @@ class PathSetter:
                 if not layer.raptr_active:
                     skipped.extend(self.trainable[layer])
             if isinstance(chunk, RaptrDistributedDataParallel):
+                chunk.path = path
                 chunk.set_skipped_parameters(skipped)

@@ -48,16 +48,17 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import import_module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
-from megatron_raptr.frozen import skip_optimizer_step_off_path
 from megatron_raptr.flops import schedule_flops_fraction, step_flops
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter, get_gpt_raptr_block_spec
 from megatron_raptr.layout import pipeline_layout
+from megatron_raptr.optimizer_step import install_optimizer_step
 from megatron_raptr.sampler import PathSampler
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training.arguments import _add_pld_args, _add_raptr_args, _add_stacking_args, build_schedule
 from megatron_raptr.training.initialize import current_device
 from megatron_raptr.training.metrics import MetricsWriter, perplexity
+from megatron_raptr.unsupported import check_refused
 
 SPEC = ("megatron_raptr.megatron_lm", "gpt_layer_spec")
 
@@ -109,6 +110,7 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
 
 
 def _check_args(args) -> None:
+    check_refused(args)
     given = [flag for flag in ("stacking_schedule", "pld_theta", "pld_gamma") if getattr(args, flag) is not None]
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')}: in Megatron-LM's loop only RaPTr is supported yet; "
@@ -152,8 +154,7 @@ class RaptrLoop:
         args = self.args
         self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
         self.set_path = PathSetter(model)
-        if args.raptr_skip_optimizer_step:
-            skip_optimizer_step_off_path(optimizer, model)
+        install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler)
         tokens = args.global_batch_size * args.seq_length
         self.flops = functools.partial(step_flops, config, args.padded_vocab_size, args.seq_length, tokens)
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -163,6 +163,23 @@ def test_cuda_graphs_are_not_accepted(flag, capsys):
     assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, reason", [
+    (["--optimizer", "sgd"], "are Adam's"),
+    (["--use-precision-aware-optimizer"], ".decoupled_grad"),
+    (["--optimizer-cpu-offload"], "HybridDeviceOptimizer"),
+    (["--overlap-param-gather-with-optimizer-step"], "inside the optimizer step"),
+    (["--fp8-format", "hybrid"], "amax histories"),
+    (["--fp4-format", "nvfp4"], "FP4 has not been run"),
+])
+def test_refused_optimizer_and_precision_options_say_why(flag, reason, capsys):
+    """The same table refuses them in Megatron-LM's loop (tests/test_megatron_lm.py)."""
+    with pytest.raises(SystemExit):
+        parse_args(BASE + flag)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: {' '.join(flag)}: refused with RaPTr: " in error and reason in error
+    assert parse_args(BASE + ["--optimizer", "adam"]).optimizer == "adam"
+
+
 def test_fusions_default_to_what_the_machine_runs(monkeypatch):
     from megatron_raptr.training import model
 

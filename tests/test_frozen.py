@@ -28,7 +28,7 @@ def _build(initial, options, skip_step, **wrap_kwargs):
     import torch
 
     from megatron_raptr import PathSetter, RaptrDistributedDataParallel, get_gpt_raptr_layer_spec
-    from megatron_raptr.frozen import skip_optimizer_step_off_path
+    from megatron_raptr.optimizer_step import install_optimizer_step
     from tests import tiny_gpt
 
     config_options = {"bf16": True} if options.get("bf16") else {}
@@ -39,14 +39,13 @@ def _build(initial, options, skip_step, **wrap_kwargs):
     ddp, optimizer = tiny_gpt.wrap(model, config, ddp_class=RaptrDistributedDataParallel,
                                    use_distributed_optimizer=options.get("use_distributed_optimizer", False),
                                    **wrap_kwargs)
-    if skip_step:
-        skip_optimizer_step_off_path(optimizer, [ddp])
+    install_optimizer_step(optimizer, [ddp], skip_off_path=skip_step)
     return model, ddp, optimizer, config, PathSetter(ddp)
 
 
 def _snapshot(model, optimizer):
     """Each named parameter's value and its Adam state (this rank's shard under the distributed optimizer)."""
-    from megatron_raptr.frozen import main_parameters
+    from megatron_raptr.optimizer_step import main_parameters
 
     main = {}
     for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):

@@ -186,6 +186,12 @@ def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
     (["--cuda-graph-impl", "local"], {}, "CUDA graphs \\(--cuda-graph-impl local"),
     (["--enable-cuda-graph"], {}, "CUDA graphs \\(--cuda-graph-impl local; --enable-cuda-graph"),
     (["--external-cuda-graph"], {}, "CUDA graphs \\(--cuda-graph-impl transformer_engine"),
+    # The optimizer and precision options pretrain_raptr.py refuses (megatron_raptr/unsupported.py); those
+    # Megatron-LM's own checks refuse on the CPU: set as they would pass on a GPU.
+    (["--optimizer", "sgd"], {}, "--optimizer sgd: refused with RaPTr"),
+    ([], {"optimizer_cpu_offload": True}, "--optimizer-cpu-offload: refused with RaPTr"),
+    ([], {"use_precision_aware_optimizer": True}, "--use-precision-aware-optimizer: refused with RaPTr"),
+    ([], {"fp8": "hybrid"}, "--fp8-format hybrid: refused with RaPTr"),
 ])
 def test_refuses_what_raptr_cannot_run_before_any_work(flags, settings, message):
     """FSDP would never reduce skipped layers' shards; Megatron's own spec has no gated layers."""

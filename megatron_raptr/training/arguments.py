@@ -13,6 +13,7 @@ from megatron_raptr.stacking import COPY_MODES, OPTIMIZER_STATES, StackingSchedu
 from megatron_raptr.training import bert, checkpointing, data
 from megatron_raptr.training.family import FAMILIES, model_family
 from megatron_raptr.training.model import FUSIONS, padded_vocab_size, resolve_fusions
+from megatron_raptr.unsupported import add_refused_args, check_refused
 
 # DeepSpeed's progressive layer drop defaults (Zhang and He's setting).
 PLD_THETA, PLD_GAMMA = 0.5, 0.001
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pld_args(parser)
     data.add_data_args(parser)
     bert.add_args(parser)
+    add_refused_args(parser)
     return parser
 
 
@@ -219,6 +221,7 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Fills derived defaults and raises ValueError naming the offending flag."""
+    check_refused(args)
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1 or world_size % model_parallel:
         raise ValueError(

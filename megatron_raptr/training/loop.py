@@ -19,6 +19,7 @@ from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter
 from megatron_raptr.layout import pipeline_layout
 from megatron_raptr.methods import build_sampler, method_hooks
+from megatron_raptr.optimizer_step import install_optimizer_step
 from megatron_raptr.sampler import Path
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training import checkpointing, data
@@ -68,6 +69,7 @@ class Trainer:
         self.schedule = args.raptr  # the run's schedule, whatever the method
         layout = pipeline_layout(config)
         self.sampler = build_sampler(self.schedule, args.seed, layout)
+        install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler)
         self.hooks = method_hooks(self.schedule, model, optimizer, layout) + hooks
         self.family = model_family(args)
         self.set_path = PathSetter(model)

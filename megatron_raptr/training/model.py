@@ -15,7 +15,6 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
-from megatron_raptr.frozen import skip_optimizer_step_off_path
 from megatron_raptr.training import checkpointing
 from megatron_raptr.training.family import model_family
 from megatron_raptr.training.initialize import current_device
@@ -181,8 +180,6 @@ def build_optimizer(
         ),
         model,
     )
-    if args.raptr_skip_optimizer_step:
-        skip_optimizer_step_off_path(optimizer, model)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
