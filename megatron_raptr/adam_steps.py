@@ -8,7 +8,8 @@ them by 1 - beta^t instead of 1 - beta^n made a layer joining after 1500 steps (
 (megatron_raptr/optimizer_step.py) therefore runs each parameter with its own count n = t - missed.
 
 What a layer misses is a function of the path history, itself a pure function of (seed, t), so a
-resumed run replays it under any layout and nothing extra is saved:
+resumed run can replay it under any layout (Megatron-LM's loop does; pretrain_raptr.py's checkpoints
+also keep the counts, so that a run continued under another method keeps them):
 
 - with --raptr-skip-optimizer-step: the steps it was off the path (it took no update in them);
 - without: the steps before it was first on the path (its moments are zero until then; after, a
@@ -37,7 +38,20 @@ class MissedSteps:
     def _reset(self) -> None:
         self.missed: Dict[int, int] = dict.fromkeys(range(1, self.num_layers + 1), 0)
         self.trained = set()
+        self.idle = dict(self.missed)  # steps off the path in a row, up to the last one counted
+        self.skipped_before = dict(self.missed)  # a layer on the last path: how many steps in a row it missed before it
         self.iteration = 0  # steps counted
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: a run continued under another method (a RaPTr checkpoint finished as
+        the full model) cannot replay the history from its own paths."""
+        return dict(iteration=self.iteration, missed=dict(self.missed), idle=dict(self.idle),
+                    trained=sorted(self.trained))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.trained = state["iteration"], set(state["trained"])
+        self.missed, self.idle = dict(state["missed"]), dict(state["idle"])
+        self.skipped_before = dict.fromkeys(self.missed, 0)
 
     def through(self, path: Path) -> Dict[int, int]:
         if path.iteration + 1 < self.iteration:  # a new run in this process went back: count afresh
@@ -56,7 +70,10 @@ class MissedSteps:
         active = set(path.active)
         self.trained |= active
         for layer in self.missed:
-            if layer not in active and (self.skipped_take_no_step or layer not in self.trained):
+            on_path = layer in active
+            self.skipped_before[layer] = self.idle[layer] if on_path else 0
+            self.idle[layer] = 0 if on_path else self.idle[layer] + 1
+            if not on_path and (self.skipped_take_no_step or layer not in self.trained):
                 self.missed[layer] += 1
         self.iteration += 1
 
@@ -66,6 +83,7 @@ class MissedSteps:
                 or path.iteration != schedule.stages[path.stage].start:
             return
         fresh = schedule.new_layers(path.stage) if schedule.optimizer_state == "fresh" else ()
-        before = dict(self.missed)
+        before, idle = dict(self.missed), dict(self.idle)
         for target, source in schedule.growth(path.stage).items():
             self.missed[target] = path.iteration if target in fresh else before[source]
+            self.idle[target] = idle[source]  # the copied weights are the source's

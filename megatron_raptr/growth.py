@@ -7,8 +7,8 @@ new layer unless ``--stacking-optimizer-state copy``; a layer that only moves up
 in MIDAS, keeps its own). Under the distributed optimizer each data-parallel rank
 holds a slice of those, so a source layer's are first summed over the
 data-parallel group from zero-padded slices; under pipeline parallelism a source
-layer on another stage is sent over the pipeline group. The step count, one per
-parameter group in Megatron's checkpoints, stays shared.
+layer on another stage is sent over the pipeline group. The optimizer's step counts stay
+shared; each layer's own count for bias correction follows in megatron_raptr/adam_steps.py.
 """
 
 from typing import Dict, List, Sequence

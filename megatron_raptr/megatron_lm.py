@@ -154,7 +154,8 @@ class RaptrLoop:
         args = self.args
         self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
         self.set_path = PathSetter(model)
-        install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler)
+        install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler,
+                               args.raptr_catch_up_weight_decay)
         tokens = args.global_batch_size * args.seq_length
         self.flops = functools.partial(step_flops, config, args.padded_vocab_size, args.seq_length, tokens)
         rank, world = dist.get_rank(), dist.get_world_size()

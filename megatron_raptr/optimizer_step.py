@@ -20,8 +20,8 @@ both are wrapped on the instance:
   that it has a count to set and is saved with the others.
 """
 
-from contextlib import ExitStack, contextmanager
-from typing import Dict, List, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
@@ -47,11 +47,14 @@ def main_parameters(optimizer: MegatronOptimizer) -> Dict[torch.nn.Parameter, to
 
 
 def install_optimizer_step(optimizer: MegatronOptimizer, model: Sequence[torch.nn.Module],
-                           skip_off_path: bool, sampler=None) -> None:
+                           skip_off_path: bool, sampler=None, catch_up_weight_decay: bool = False) -> MissedSteps:
     """Makes `optimizer` step each parameter with its layer's own Adam count and, with
     `skip_off_path`, not at all for the parameters each RaptrDistributedDataParallel chunk of
     `model` reports skipped (PathSetter sets them per step); their bucket groups then take no
-    all-gather. `sampler` gives the paths of steps taken before (a resumed run's)."""
+    all-gather. With `catch_up_weight_decay` too, a layer's first update after k skipped steps first
+    scales its weights by (1 - lr x wd)^k at that step's LR and weight decay (lazy AdamW's rule).
+    `sampler` gives the paths of steps taken before (a resumed run's). Returns the missed-step counts
+    (for checkpoints)."""
     chunks = [chunk for chunk in model if isinstance(chunk, RaptrDistributedDataParallel)]
     if not chunks:
         raise TypeError("RaPTr's optimizer step needs RaptrDistributedDataParallel")
@@ -60,15 +63,20 @@ def install_optimizer_step(optimizer: MegatronOptimizer, model: Sequence[torch.n
     layer_of = {param: layer.layer_number for chunk in chunks for layer in raptr_layers(chunk)
                 for param in layer.parameters()}
     missed = MissedSteps(chunks[0].config.num_layers, skip_off_path, sampler)
+    if catch_up_weight_decay and not skip_off_path:
+        raise ValueError("catching up weight decay needs skip_off_path: otherwise skipped layers decay every step")
     for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
-        _wrap(leaf, chunks, layer_of, missed, skip_off_path)
+        _wrap(leaf, chunks, layer_of, missed, skip_off_path, catch_up_weight_decay)
+    return missed
 
 
 def _wrap(optimizer: MegatronOptimizer, chunks: List[RaptrDistributedDataParallel],
-          layer_of: Dict[torch.nn.Parameter, int], missed: MissedSteps, skip_off_path: bool) -> None:
+          layer_of: Dict[torch.nn.Parameter, int], missed: MissedSteps, skip_off_path: bool,
+          catch_up_weight_decay: bool) -> None:
     main_of = main_parameters(optimizer)
     layer_of_main = {main: layer_of[param] for param, main in main_of.items() if param in layer_of}
     inner = optimizer.optimizer
+    group_of = {param: index for index, group in enumerate(inner.param_groups) for param in group["params"]}
     _create_states(inner)
     step_with_ready_grads, inner_step = optimizer.step_with_ready_grads, inner.step
     missed_of = {}  # main parameter -> the steps its layer missed, for this step
@@ -84,6 +92,9 @@ def _wrap(optimizer: MegatronOptimizer, chunks: List[RaptrDistributedDataParalle
             for param in (main_of[param] for chunk in chunks for param in chunk.skipped_parameters
                           if param in main_of):  # the distributed optimizer: a shard on this rank
                 param.grad = None
+        if catch_up_weight_decay:
+            _catch_up_weight_decay(inner, {main: (group_of[main], missed.skipped_before[layer])
+                                           for main, layer in layer_of_main.items() if missed.skipped_before[layer]})
         with ExitStack() as stack:
             for chunk in chunks:
                 stack.enter_context(chunk.param_sync_of_changed_groups())
@@ -97,31 +108,50 @@ def _wrap(optimizer: MegatronOptimizer, chunks: List[RaptrDistributedDataParalle
     inner.step = step_with_own_counts
 
 
-@contextmanager
+@torch.no_grad()
+def _catch_up_weight_decay(inner: torch.optim.Optimizer, skipped: Dict[torch.nn.Parameter, Tuple[int, int]]) -> None:
+    """Main parameter -> (its group's index, steps it skipped in a row): the decay of those steps, at
+    this step's LR and weight decay."""
+    for param, (index, steps) in skipped.items():
+        group = inner.param_groups[index]
+        param.mul_((1.0 - group["lr"] * group["weight_decay"]) ** steps)
+
+
 def _own_counts(inner: torch.optim.Optimizer, missed_of: Dict[torch.nn.Parameter, int]):
     """During one inner step, each parameter in `missed_of` counts that many steps fewer (at least
     its first); afterwards every count is the shared one, advanced by the step."""
     if not missed_of:
+        return nullcontext()
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return _counts_per_parameter(inner, missed_of)
+    # FusedAdam. (torch's Adam ignores a 'step' in its groups, which Megatron's distributed checkpoints put there.)
+    return _counts_per_group(inner, missed_of)
+
+
+@contextmanager
+def _counts_per_group(inner: torch.optim.Optimizer, missed_of: Dict[torch.nn.Parameter, int]):
+    """FusedAdam (Apex, Transformer Engine) counts steps per group: the groups are split by count."""
+    groups = inner.param_groups
+    split = {}
+    for index, group in enumerate(groups):
+        for param in group["params"]:
+            count = max(group["step"] - missed_of.get(param, 0), 0)
+            split.setdefault((index, count), dict(group, params=[], step=count))["params"].append(param)
+    inner.param_groups = list(split.values())
+    try:
         yield
-        return
-    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):  # FusedAdam: one count per group
-        # (torch's Adam ignores a 'step' in its groups, which Megatron's distributed checkpoints put there.)
-        groups = inner.param_groups
-        split = {}
-        for index, group in enumerate(groups):
-            for param in group["params"]:
-                count = max(group["step"] - missed_of.get(param, 0), 0)
-                split.setdefault((index, count), dict(group, params=[], step=count))["params"].append(param)
-        inner.param_groups = list(split.values())
-        try:
-            yield
-        finally:
-            inner.param_groups = groups
-        for group in groups:
-            group["step"] += 1
-        return
-    shared = {param: inner.state[param]["step"] for param in missed_of}
-    for param, step in shared.items():  # torch's Adam: a count per parameter, each its own tensor
+    finally:
+        inner.param_groups = groups
+    for group in groups:
+        group["step"] += 1
+
+
+@contextmanager
+def _counts_per_parameter(inner: torch.optim.Optimizer, missed_of: Dict[torch.nn.Parameter, int]):
+    """torch's Adam counts steps per parameter (a tensor each): each is set for the step."""
+    shared = {param: inner.state[param]["step"] for param in missed_of
+              if "step" in inner.state.get(param, {})}  # empty parameters have no state
+    for param, step in shared.items():
         inner.state[param]["step"] = (step - missed_of[param]).clamp(min=0)
     try:
         yield

@@ -1,7 +1,7 @@
 """Adam's step count per layer: a layer that joins the path late takes exactly the first step of a
 fresh per-parameter torch AdamW on the same gradient, under each optimizer Megatron builds on the
 CPU (fp32, bf16 with fp32 main weights, distributed, distributed bf16), with and without
---raptr-skip-optimizer-step, in a run that went on and in one resumed from a checkpoint before the
+--raptr-skip-optimizer-step (and with --raptr-catch-up-weight-decay: after the weight decay it missed), in a run that went on and in one resumed from a checkpoint before the
 join. 2 gloo processes (DP=2) drive pretrain_raptr's trainer step by step.
 """
 import pytest
@@ -15,12 +15,12 @@ FLAGS = ["--raptr-schedule", f"2@0,4@{JOIN}", "--raptr-fixed-layers", "1", "4", 
          "--clip-grad", "0"]
 OPTIMIZERS = {"fp32": [], "bf16": ["--bf16"], "distopt": ["--use-distributed-optimizer"],
               "distopt-bf16": ["--use-distributed-optimizer", "--bf16"]}
-MODES = {"frozen": [], "stepped": ["--no-raptr-skip-optimizer-step"]}
+MODES = {"frozen": [], "stepped": ["--no-raptr-skip-optimizer-step"], "catch-up": ["--raptr-catch-up-weight-decay"]}
 
 
 def _probe_join_step(trainer):
-    """Wraps the inner optimizer steps to record, for layer 2's main parameters on this rank, the
-    value, gradient, learning rate and weight decay before the step and the value after it."""
+    """Wraps the optimizer steps to record, for layer 2's main parameters on this rank, the value,
+    gradient, learning rate and weight decay before the step and the value after it."""
     from megatron_raptr.layer import raptr_layers
     from megatron_raptr.optimizer_step import main_parameters
 
@@ -30,7 +30,7 @@ def _probe_join_step(trainer):
     for leaf in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
         inner = leaf.optimizer
         mains = [main for param, main in main_parameters(leaf).items() if param in joining]
-        step = inner.step
+        step = leaf.step_with_ready_grads  # RaPTr's optimizer step, with the inner step in it
 
         def probed(*args, inner=inner, mains=mains, step=step, **kwargs):
             group_of = {param: group for group in inner.param_groups for param in group["params"]}
@@ -40,7 +40,7 @@ def _probe_join_step(trainer):
             records.extend((value, grad, lr, wd, main.detach().clone()) for main, value, grad, lr, wd in before)
             return result
 
-        inner.step = probed
+        leaf.step_with_ready_grads = probed
     return records
 
 
@@ -119,6 +119,8 @@ def test_a_layer_joining_late_takes_a_fresh_adam_step(ranks, optimizer, mode):
         assert records, "no rank holds layer 2's parameters"
         moved = 0.0
         for value, grad, lr, weight_decay, after in records:
+            if mode == "catch-up":  # the JOIN steps of weight decay it missed, applied first (constant LR)
+                value = value * (1 - lr * weight_decay) ** JOIN
             torch.testing.assert_close(after, _fresh_adamw_step(value, grad, lr, weight_decay), rtol=1e-5, atol=1e-9)
             moved = max(moved, float((after - value * (1 - lr * weight_decay)).abs().max()) / lr)
         # A fresh Adam step moves an element with |g| >> eps by LR; one count shared by all

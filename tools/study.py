@@ -53,6 +53,7 @@ class Preset:
     lr: float
     bf16: bool = False
     family: str = "gpt"  # --model
+    adam_beta2: float = 0.95
 
     def model(self) -> dict:
         return {"model": self.family, "num_layers": self.layers, "hidden_size": self.hidden, "num_attention_heads": self.heads,
@@ -117,7 +118,7 @@ def common_flags(preset: Preset, iters: int) -> List[str]:
         "--seq-length", preset.seq, "--micro-batch-size", preset.micro_batch,
         "--global-batch-size", preset.global_batch, "--train-iters", iters,
         "--lr", preset.lr, "--min-lr", preset.lr / 10, "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", max(1, iters // 10), "--weight-decay", 0.1, "--adam-beta2", 0.95,
+        "--lr-warmup-iters", max(1, iters // 10), "--weight-decay", 0.1, "--adam-beta2", preset.adam_beta2,
         "--hidden-dropout", 0, "--attention-dropout", 0,
         "--eval-interval", eval_interval(preset, iters), "--eval-iters", preset.eval_iters,
         "--log-interval", eval_interval(preset, iters),
@@ -308,12 +309,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--iters", nargs="+", type=int, default=None,
                         help="training budgets: --train-iters of each (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, sharing the CPU cores")
+    parser.add_argument("--adam-beta2", type=float, default=None, help="for every run (default: 0.95)")
     parser.add_argument("--source-eval", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate every final checkpoint on each corpus source too")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     budgets = args.iters or [preset.iters]
-    preset = dataclasses.replace(preset, seeds=tuple(args.seeds or preset.seeds))
+    preset = dataclasses.replace(preset, seeds=tuple(args.seeds or preset.seeds),
+                                 adam_beta2=args.adam_beta2 or preset.adam_beta2)
     if "baseline-equal-flops" in args.methods and not {"baseline", "raptr"} <= set(args.methods):
         parser.error("--methods: baseline-equal-flops needs baseline and raptr (it spends RaPTr's FLOPs)")
     if args.variant and "raptr" not in args.methods:

@@ -148,9 +148,13 @@ def _add_raptr_args(parser):
                             "data-parallel ranks (they are zero on every rank); any method")
     group.add_argument("--raptr-skip-optimizer-step", action=argparse.BooleanOptionalAction, default=None,
                        help="layers off the step's path take no optimizer step (weights and Adam state unchanged, "
-                            "no weight decay, one shared step count) and, with the distributed optimizer, no "
+                            "no weight decay) and, with the distributed optimizer, no "
                             "parameter all-gather; any method (default: on for RaPTr, chosen by measurement; "
                             "off for gradual stacking and progressive layer dropping)")
+    group.add_argument("--raptr-catch-up-weight-decay", action="store_true",
+                       help="with --raptr-skip-optimizer-step: a layer's first update after k skipped steps first "
+                            "applies the k steps of weight decay it missed, (1 - lr x wd)^k at the step's LR "
+                            "(lazy AdamW's rule)")
 
 
 def _add_stacking_args(parser):
@@ -343,6 +347,9 @@ def build_schedule(args: argparse.Namespace):
     args.method = given[0][0] if given else "baseline"
     if args.raptr_skip_optimizer_step is None:  # the defaults study measured it for RaPTr only
         args.raptr_skip_optimizer_step = args.method == "raptr"
+    if args.raptr_catch_up_weight_decay and not args.raptr_skip_optimizer_step:
+        raise ValueError("--raptr-catch-up-weight-decay needs --raptr-skip-optimizer-step (without it skipped "
+                         "layers decay at every step)")
     args.method_flags = " ".join(f"{_flag(flag)} {getattr(args, flag)}" for _, flag in given)
     _needs(args, "raptr", ["raptr_fixed_layers", "raptr_sampling", "raptr_scaling"], "--raptr-schedule")
     _needs(args, "stacking", ["stacking_copy", "stacking_optimizer_state"], "--stacking-schedule")

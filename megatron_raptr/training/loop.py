@@ -69,7 +69,8 @@ class Trainer:
         self.schedule = args.raptr  # the run's schedule, whatever the method
         layout = pipeline_layout(config)
         self.sampler = build_sampler(self.schedule, args.seed, layout)
-        install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler)
+        self.missed_steps = install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler,
+                                                   args.raptr_catch_up_weight_decay)
         self.hooks = method_hooks(self.schedule, model, optimizer, layout) + hooks
         self.family = model_family(args)
         self.set_path = PathSetter(model)
@@ -270,7 +271,8 @@ class Trainer:
         with self.parameters_gathered():
             checkpointing.save_checkpoint(
                 self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
-                dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed),
+                dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed,
+                     adam_missed_steps=self.missed_steps.state_dict()),
                 async_save=self.args.async_save, fully_parallel=self.args.ckpt_fully_parallel_save,
                 optim_fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable,
             )
@@ -342,6 +344,8 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
                                               load_rng=not args.no_load_rng, fully_parallel=args.ckpt_fully_parallel_load)
         if saved is not None:
             state = TrainState(**{key: saved[key] for key in asdict(state)})
+            if "adam_missed_steps" in saved:  # else replayed from this run's paths
+                trainer.missed_steps.load_state_dict(saved["adam_missed_steps"])
             log(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
             if saved.get("method_flags") != args.method_flags:  # e.g. a RaPTr or stacking run finished in full
                 log(f" note: the checkpoint was trained with {saved.get('method_flags') or 'the full model'}, "
