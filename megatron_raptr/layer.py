@@ -1,7 +1,8 @@
 """Megatron-Core integration: a transformer layer that is the identity off the path.
 
-Use ``get_gpt_raptr_layer_spec()``, ``get_bert_raptr_layer_spec()`` (or ``raptr_layer_spec(spec)`` on any
-TransformerLayer spec) when building the model, then apply each iteration's path
+Use ``get_gpt_raptr_layer_spec()``, ``get_bert_raptr_layer_spec()``, ``get_gpt_raptr_block_spec(config)``
+(or ``raptr_decoder_spec(spec, config)`` on any layer or decoder block spec whose layers are
+TransformerLayers: MoE, MLA, heterogeneous, ...) when building the model, then apply each iteration's path
 with a ``PathSetter``. An off-path layer returns its input: no forward, no
 backward, no saved activations. In eval mode every layer runs, unscaled, unless
 the path says it gates evaluation too (gradual stacking's prefix).
@@ -9,16 +10,20 @@ the path says it gates evaluation too (gradual stacking's prefix).
 
 import dataclasses
 import functools
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.bert import bert_layer_specs
 from megatron.core.models.gpt import gpt_layer_specs
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import TransformerConfig, transformer_block
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_raptr.compat.torch_norm import SequenceParallelTorchNorm
@@ -91,9 +96,69 @@ class RaptrTransformerLayer(TransformerLayer):
 
 def raptr_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     """The same layer spec with RaptrTransformerLayer as its module."""
-    if not (isinstance(spec.module, type) and issubclass(spec.module, TransformerLayer)):
-        raise TypeError(f"RaPTr gates TransformerLayer specs, got a spec of {spec.module!r}")
+    if not _is_transformer_layer(spec):
+        raise TypeError(f"RaPTr gates TransformerLayer specs, got a spec of {getattr(spec, 'module', spec)!r}")
     return dataclasses.replace(spec, module=RaptrTransformerLayer)
+
+
+def _is_transformer_layer(spec) -> bool:
+    module = getattr(spec, "module", None)
+    return isinstance(module, type) and issubclass(module, TransformerLayer)
+
+
+def _block_submodules(spec) -> Optional[TransformerBlockSubmodules]:
+    """The submodules of a decoder block spec (bare, or a ModuleSpec of a TransformerBlock); None for
+    a layer spec. These are the forms Megatron's TransformerBlock takes."""
+    if isinstance(spec, ModuleSpec) and isinstance(spec.module, type) and issubclass(spec.module, TransformerBlock):
+        spec = spec.submodules
+    return spec if isinstance(spec, TransformerBlockSubmodules) else None
+
+
+def check_gateable(spec, selected_by: str) -> None:
+    """Raises ValueError naming `selected_by` (the flag that chose the spec) unless every layer of
+    this layer or decoder block spec is a TransformerLayer, which RaPTr can gate (not, e.g., Mamba)."""
+    block = _block_submodules(spec)
+    for layer in block.layer_specs if block is not None else [spec]:
+        if not _is_transformer_layer(layer):
+            raise ValueError(f"{selected_by}: RaPTr gates TransformerLayer layers; this spec has "
+                             f"{getattr(layer, 'module', layer)!r}, which it cannot skip")
+
+
+def raptr_decoder_spec(spec, config: TransformerConfig, vp_stage: Optional[int] = None,
+                       selected_by: str = "the layer spec"):
+    """A GPT layer spec or decoder block spec, as Megatron-Core and Megatron-LM build them (MoE, MLA,
+    qk-layernorm, heterogeneous, ...), with every TransformerLayer gated by RaPTr and the rest unchanged.
+
+    Where Megatron falls back to torch norms (no Transformer Engine, no Apex) they are replaced by ones
+    that also run under sequence parallelism (the same torch modules otherwise). A layer spec stays a
+    layer spec (Megatron-LM edits its attention for --attention-backend local), except under sequence
+    parallelism there: TransformerBlock would end it in its own torch norm, which refuses it.
+    """
+    check_gateable(spec, selected_by)
+    block = _block_submodules(spec)
+    if block is not None:
+        gated = dataclasses.replace(block, layer_specs=[raptr_layer_spec(_sequence_parallel_norms(layer))
+                                                        for layer in block.layer_specs],
+                                    layer_norm=_sequence_parallel_norms(block.layer_norm))
+        return gated if isinstance(spec, TransformerBlockSubmodules) else dataclasses.replace(spec, submodules=gated)
+    layer = raptr_layer_spec(_sequence_parallel_norms(spec))
+    # Undocumented Megatron-Core name: the final norm TransformerBlock gives a layer spec's block.
+    if config.sequence_parallel and transformer_block.LayerNormImpl is WrappedTorchNorm:
+        return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
+                                          layer_norm=SequenceParallelTorchNorm)
+    return layer
+
+
+def _sequence_parallel_norms(spec):
+    """`spec` with Megatron's torch-norm fallback replaced wherever it appears in it."""
+    if spec is WrappedTorchNorm:
+        return SequenceParallelTorchNorm
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=_sequence_parallel_norms(spec.submodules))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):  # the submodules of a spec
+        return dataclasses.replace(spec, **{field.name: _sequence_parallel_norms(getattr(spec, field.name))
+                                            for field in dataclasses.fields(spec) if field.init})
+    return spec
 
 
 def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, normalization: str = "LayerNorm",
@@ -108,9 +173,7 @@ def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, normalization:
     if use_transformer_engine:
         return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs))
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, **kwargs)
-    norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
-             if getattr(spec.submodules, name) is WrappedTorchNorm}
-    return raptr_layer_spec(dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms)))
+    return raptr_layer_spec(_sequence_parallel_norms(spec))
 
 
 def get_bert_raptr_layer_spec(use_transformer_engine: bool = None) -> ModuleSpec:
@@ -125,15 +188,15 @@ def get_bert_raptr_layer_spec(use_transformer_engine: bool = None) -> ModuleSpec
 
 
 def get_gpt_raptr_block_spec(config: TransformerConfig, use_transformer_engine: bool = None,
-                             **kwargs) -> TransformerBlockSubmodules:
-    """This pipeline stage's decoder block: RaPTr layers and a final norm like theirs."""
+                             vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """This pipeline stage's decoder block as Megatron-Core builds it from the config
+    (get_gpt_decoder_block_spec: dense layers, or MoE ones per --num-experts and --moe-layer-freq,
+    qk-layernorm, MLA), gated by RaPTr."""
     if use_transformer_engine is None:
         use_transformer_engine = gpt_layer_specs.HAVE_TE
-    layer = get_gpt_raptr_layer_spec(use_transformer_engine, config.normalization, **kwargs)
-    return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config),
-        layer_norm=gpt_layer_specs.TENorm if use_transformer_engine else layer.submodules.input_layernorm,
-    )
+    block = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine,
+                                                       normalization=config.normalization, vp_stage=vp_stage)
+    return raptr_decoder_spec(block, config, vp_stage)
 
 
 ModelChunks = Union[torch.nn.Module, Sequence[torch.nn.Module]]

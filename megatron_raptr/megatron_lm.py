@@ -9,8 +9,10 @@ What a Megatron-LM `pretrain_gpt.py` adds (see examples/pretrain_gpt_megatron_lm
     model_cfg = gpt_config_from_args(args)
     pretrain(pretrain_cfg_container_from_args(args, model_cfg), ...)
 
-and on the command line the `--raptr-*` flags (`setup()` makes
-`--spec megatron_raptr.megatron_lm gpt_layer_spec` the default). Without
+and on the command line the `--raptr-*` flags. `setup()` makes
+`--spec megatron_raptr.megatron_lm gpt_layer_spec` the spec: the one Megatron-LM would build
+for the flags (its own `default_layer_spec`, or the `--spec` given), every TransformerLayer
+gated, nothing else changed. Without
 `--raptr-schedule` every step trains the full model (the baseline, through the same code).
 
 Megatron-LM's extension points carry the model and the flags: `--spec` builds the
@@ -45,12 +47,12 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core.models.gpt import gpt_layer_specs
-from megatron.core.transformer.spec_utils import import_module
+from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.flops import schedule_flops_fraction, step_flops
 from megatron_raptr.hooks import StageHook, default_hooks
-from megatron_raptr.layer import PathSetter, get_gpt_raptr_block_spec
+from megatron_raptr.layer import PathSetter, check_gateable, raptr_decoder_spec
 from megatron_raptr.layout import pipeline_layout
 from megatron_raptr.optimizer_step import install_optimizer_step
 from megatron_raptr.sampler import PathSampler
@@ -83,12 +85,31 @@ def add_arguments(parser):
 
 
 def gpt_layer_spec(model_config, vp_stage: Optional[int] = None):
-    """For `--spec megatron_raptr.megatron_lm gpt_layer_spec`: this pipeline stage's
-    decoder block of RaPTr-gated layers (Transformer Engine when the config asks for it
-    and it is installed, else Megatron's local layers)."""
-    config = getattr(model_config, "transformer", model_config)  # GPTModelConfig or TransformerConfig
-    use_te = gpt_layer_specs.HAVE_TE and getattr(config, "transformer_impl", "local") == "transformer_engine"
-    return get_gpt_raptr_block_spec(config, use_transformer_engine=use_te)
+    """For `--spec megatron_raptr.megatron_lm gpt_layer_spec` (setup() makes it the default): the spec
+    Megatron-LM would build for these flags, with every TransformerLayer gated by RaPTr.
+
+    That is Megatron-LM's own `default_layer_spec` (dense or MoE block, qk-layernorm, MLA,
+    heterogeneous, Transformer Engine or local, ...) or, where the command line gave another
+    `--spec`, that one, which setup() kept as `args.raptr_base_spec`.
+    """
+    from megatron.training import get_args
+    from megatron.training.models.gpt import default_layer_spec  # undocumented (written against 0.19.2)
+
+    base = get_args().raptr_base_spec
+    if base is None:
+        spec, selected_by = default_layer_spec(model_config, vp_stage), "Megatron-LM's default layer spec"
+    else:
+        spec, selected_by = _call_spec(import_module(base), model_config, vp_stage), f"--spec {' '.join(base)}"
+    return raptr_decoder_spec(spec, model_config.transformer, vp_stage, selected_by)
+
+
+def _call_spec(spec, model_config, vp_stage):
+    """A --spec that is a function is called as Megatron-LM's GPTModelBuilder calls it."""
+    if isinstance(spec, ModuleSpec) or not callable(spec):
+        return spec
+    if "vp_stage" in inspect.signature(spec).parameters:
+        return spec(model_config, vp_stage=vp_stage)
+    return spec(model_config)
 
 
 def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
@@ -97,13 +118,14 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
     Call after `parse_and_validate_args` and before `gpt_config_from_args`/`pretrain`.
     Raises ValueError naming the flag for anything RaPTr cannot run, before any work.
     """
-    _check_args(args)
-    if args.spec is None:
-        args.spec = list(SPEC)  # read by gpt_config_from_args, after setup()
     if not torch.cuda.is_available():
         from megatron_raptr.compat import cpu
 
         cpu.adapt_megatron_training_args(args)
+    _check_args(args)
+    # gpt_config_from_args (after setup()) reads --spec; RaPTr's wraps the one given, if any.
+    args.raptr_base_spec = _given_spec(args)
+    args.spec = list(SPEC)
     loop = RaptrLoop(args, build_schedule(args), list(hooks) + default_hooks(args))
     _install(loop)
     return loop
@@ -127,11 +149,20 @@ def _check_args(args) -> None:
         raise ValueError(f"RaPTr does not run under CUDA graphs (--cuda-graph-impl {args.cuda_graph_impl}; "
                          "--enable-cuda-graph and --external-cuda-graph set it too): a replayed graph runs the "
                          "layers it captured, whatever the step's path")
+    if args.transformer_impl == "transformer_engine" and not gpt_layer_specs.HAVE_TE:
+        raise ValueError("--transformer-impl transformer_engine (Megatron-LM's default) needs Transformer Engine, "
+                         "which is not installed: pass --transformer-impl local")
     if args.train_iters is None:
         raise ValueError("RaPTr schedules are in iterations: use --train-iters, not --train-samples")
-    if args.spec is not None and import_module(args.spec) is not gpt_layer_spec:
-        raise ValueError(f"RaPTr needs its gated layers: --spec {' '.join(SPEC)} (the default), "
-                         f"not --spec {' '.join(args.spec)}")
+    if _given_spec(args) is not None:
+        spec = import_module(args.spec)
+        if isinstance(spec, ModuleSpec) or not callable(spec):  # a function's spec is checked when built
+            check_gateable(spec, f"--spec {' '.join(args.spec)}")
+
+
+def _given_spec(args) -> Optional[list]:
+    """The --spec on the command line, unless it is RaPTr's own."""
+    return args.spec if args.spec is not None and import_module(args.spec) is not gpt_layer_spec else None
 
 
 class RaptrLoop:

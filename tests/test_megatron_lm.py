@@ -180,7 +180,8 @@ def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
     # Megatron-LM's own checks of the FSDP flags need CUDA: set as they would pass on a GPU.
     ([], {"use_torch_fsdp2": True}, "--use-torch-fsdp2"),
     ([], {"use_megatron_fsdp": True}, "--use-megatron-fsdp"),
-    (["--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"], {}, "--spec"),
+    (["--spec", "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"], {},
+     "--spec megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec: RaPTr gates TransformerLayer"),
     (["--raptr-schedule", "2@0,5@4"], {}, "--num-layers"),
     (["--pld-theta", "0.5"], {}, "--pld-theta: in Megatron-LM's loop only RaPTr"),
     (["--cuda-graph-impl", "local"], {}, "CUDA graphs \\(--cuda-graph-impl local"),
@@ -194,7 +195,7 @@ def test_resume_from_megatron_lm_checkpoint_repeats_the_run(tmp_path):
     ([], {"fp8": "hybrid"}, "--fp8-format hybrid: refused with RaPTr"),
 ])
 def test_refuses_what_raptr_cannot_run_before_any_work(flags, settings, message):
-    """FSDP would never reduce skipped layers' shards; Megatron's own spec has no gated layers."""
+    """FSDP would never reduce skipped layers' shards; a hybrid (Mamba) stack's layers cannot be skipped."""
     from megatron.training import global_vars
     from megatron.training.arguments import parse_and_validate_args
 

@@ -120,10 +120,14 @@ def run_megatron_lm(out_dir, gpu, timeout_s):
         import megatron.training.training  # noqa: F401
     except ImportError:
         return {"skipped": "no megatron.training (megatron-core 0.17+ ships it)"}
+    from megatron.core.models.gpt import gpt_layer_specs
+
     metrics = out_dir / "megatron_lm.jsonl"
+    # Megatron-LM's default --transformer-impl is transformer_engine; RaPTr builds what it would.
+    impl = [] if gpt_layer_specs.HAVE_TE else ["--transformer-impl", "local"]
     code, seconds = sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                         "examples/pretrain_gpt_megatron_lm.py", *(MEGATRON_LM_GPU if gpu else MEGATRON_LM_CPU).split(),
-                        *MEGATRON_LM_COMMON.split(), "--metrics-file", metrics], out_dir / "megatron_lm.log", timeout_s)
+                        *MEGATRON_LM_COMMON.split(), *impl, "--metrics-file", metrics], out_dir / "megatron_lm.log", timeout_s)
     if code:
         return {"exit_code": code, "seconds": round(seconds, 1)}
     run = read_metrics(metrics)

@@ -48,6 +48,8 @@ _MODULES_ASSUMING_CUDA = {
     "megatron.core.transformer.utils",
     # RoPE moves inv_freq to current_device() on every forward.
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # MoE router: its weights moved to current_device() at the first forward, aux-loss statistics there.
+    "megatron.core.transformer.moe.router",
     # Weights on current_device() unless config.use_cpu_initialization.
     "megatron.core.tensor_parallel.layers",
     # Sequence-parallel gather / reduce-scatter outputs on current_device().
@@ -357,6 +359,10 @@ def adapt_megatron_training_args(args) -> None:
     args.distributed_backend = "gloo"
     args.use_cpu_initialization = True
     args.gradient_accumulation_fusion = False  # a CUDA extension (Apex or Transformer Engine)
+    # Transformer Engine's layers and Apex's persistent layer norm need CUDA; Megatron's torch norms
+    # refuse the latter (on by default in Megatron-LM).
+    args.transformer_impl = "local"
+    args.no_persist_layer_norm = True
 
 
 def _redirect(module_names, cpu_torch) -> None:
