@@ -203,7 +203,7 @@ class RaptrLoop:
         if self.sampler is None:
             self._bind(model, optimizer, config)
             # A resumed run's FLOPs so far: the path of every step is known from its iteration.
-            self.cumulative_flops = sum(self.flops(len(self.sampler.path(t).active)) for t in range(iteration))
+            self.cumulative_flops = sum(self.flops(self.sampler.path(t).active) for t in range(iteration))
         path = self.sampler.path(iteration)
         if path.stage != self.stage:
             self.stage = path.stage
@@ -220,7 +220,7 @@ class RaptrLoop:
         result = original(*args, **kwargs)
 
         loss_dict, grad_norm = result[0], result[5]
-        flops = self.flops(len(path.active))
+        flops = self.flops(path.active)
         self.cumulative_flops += flops
         self.iteration = iteration + 1
         loss = loss_dict.get("lm loss")
