@@ -129,6 +129,7 @@ def test_each_method_flag_chooses_its_method_with_defaults():
     (["--num-experts", "4"], 1, "--num-experts needs --disable-bias-linear"),
     *[(["--disable-bias-linear", "--num-experts", "4", *extra], world_size, message) for extra, world_size, message in [
         (["--moe-router-topk", "5"], 1, "--moe-router-topk 5 exceeds --num-experts 4"),
+        (["--tensor-model-parallel-size", "2"], 2, "--tensor-model-parallel-size > 1 needs --sequence-parallel"),
         (["--expert-model-parallel-size", "3"], 3, "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
         (["--expert-model-parallel-size", "4"], 2, "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 1"),
         (["--moe-layer-freq", "([0,1]*3)"], 1, "--moe-layer-freq: the pattern has 6 layers, --num-layers 4"),

@@ -178,3 +178,51 @@ def test_expert_tensor_and_data_parallel_moe_runs_agree_and_resume_exactly(tmp_p
     assert [r["iteration"] for r in train["resumed"]] == [5, 6, 7, 8]
     for key in ("active_layers", "lm_loss", "load_balancing_loss", "z_loss", "cumulative_flops"):
         assert [r[key] for r in train["first-half"] + train["resumed"]] == [r[key] for r in train["uninterrupted"]], key
+
+
+def _expert_buckets_reduced():
+    """Per step of 2 paths: the expert-parallel bucket groups all-reduced, those with a parameter on the
+    path, and the number of groups. TP=2 with experts unsplit (--expert-tensor-parallel-size 1): the
+    experts' gradients live in expert-parallel buffers, reduced over an expert data-parallel group of 2."""
+    from megatron.core.distributed import param_and_grad_buffer
+
+    from megatron_raptr import RaptrDistributedDataParallel
+    from tests import tiny_gpt
+
+    initialize_distributed(2, 1, seed=3, expert_tensor_parallel_size=1)
+    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_layer_freq=PATTERN, add_bias_linear=False,
+               expert_tensor_parallel_size=1, sequence_parallel=True, use_cpu_initialization=True)
+    spec_config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4, tensor_model_parallel_size=2,
+                                    **moe)
+    model, config = tiny_gpt.build_gpt(layer_spec=get_gpt_raptr_block_spec(spec_config, use_transformer_engine=False),
+                                       **moe)
+    ddp, optimizer = tiny_gpt.wrap(model, config, ddp_class=RaptrDistributedDataParallel)
+    groups = ddp.expert_parallel_bucket_groups
+    group_of = {bucket.grad_data.data_ptr(): i for i, group in enumerate(groups) for bucket in group.buckets}
+    set_path = PathSetter(ddp)
+    paths, reduced, expected = [(1, 2, 4), (2, 3)], [], []
+
+    def before_step(step):
+        set_path(Path(step, 0, paths[step], {}))
+        skipped = set(ddp.skipped_parameters)
+        expected.append({i for i, group in enumerate(groups) if not group.params <= skipped})
+        reduced.append(set())
+
+    def recorded(*args, **kwargs):
+        reduced[-1].add(group_of.get(args[0].data_ptr()))
+        return all_reduce(*args, **kwargs)
+
+    all_reduce = torch.distributed.all_reduce
+    param_and_grad_buffer.torch.distributed.all_reduce = recorded
+    try:
+        tiny_gpt.train(ddp, optimizer, config, tiny_gpt.global_batch(), len(paths), before_step)
+    finally:
+        param_and_grad_buffer.torch.distributed.all_reduce = all_reduce
+    destroy_distributed()
+    return [r - {None} for r in reduced], expected, len(groups)
+
+
+def test_skipped_layers_expert_buckets_are_not_reduced():
+    for reduced, expected, num_groups in run_distributed(_expert_buckets_reduced, 2):
+        assert num_groups == 3  # one per MoE layer
+        assert reduced == expected == [{0, 2}, {1}]  # groups in backward order: layers 4, 3, 1

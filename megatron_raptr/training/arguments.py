@@ -374,6 +374,9 @@ def _validate_moe_args(args: argparse.Namespace) -> None:
     if args.add_bias_linear:
         raise ValueError("--num-experts needs --disable-bias-linear: Megatron-Core's experts with biases fail in "
                          "their first backward (an in-place add on a view of a tensor-parallel output)")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        raise ValueError("--num-experts with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron-Core's "
+                         "MoE layers refuse to train without it)")
     if args.moe_grouped_gemm and not HAVE_TE:
         raise ValueError("--moe-grouped-gemm needs Transformer Engine (Megatron's local experts run one by one)")
 
