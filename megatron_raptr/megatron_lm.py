@@ -47,6 +47,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
@@ -55,6 +56,7 @@ from megatron_raptr.flops import schedule_flops_fraction, step_flops
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter, check_gateable, raptr_decoder_spec
 from megatron_raptr.layout import pipeline_layout
+from megatron_raptr.moe import step_aux_losses
 from megatron_raptr.sampler import PathSampler
 from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training.arguments import _add_pld_args, _add_raptr_args, _add_stacking_args, build_schedule
@@ -224,12 +226,13 @@ class RaptrLoop:
         self.cumulative_flops += flops
         self.iteration = iteration + 1
         loss = loss_dict.get("lm loss")
+        aux_losses = step_aux_losses(config, path.active, get_num_microbatches(), keep=True)
         self.metrics.train(dict(
             iteration=iteration + 1, stage=path.stage, path_length=len(path.active),
             active_layers=list(path.active), lm_loss=None if loss is None else float(loss), lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             tokens=self.args.global_batch_size * self.args.seq_length, step_flops=flops,
-            cumulative_flops=self.cumulative_flops, elapsed_s=time.perf_counter() - self.started,
+            cumulative_flops=self.cumulative_flops, **aux_losses, elapsed_s=time.perf_counter() - self.started,
         ))
         return result
 

@@ -6,6 +6,7 @@ Megatron's MoE metrics tracker, and its aux-loss-free expert bias sees no tokens
 Megatron's update (a step towards the mean token count, by its sign) leaves unchanged.
 """
 
+import dataclasses
 from typing import Dict, List, Sequence
 
 from megatron.core.transformer import TransformerConfig
@@ -30,20 +31,26 @@ def aux_loss_names(config: TransformerConfig) -> List[str]:
     return names + (["z_loss"] if config.moe_z_loss_coeff is not None else [])
 
 
-def step_aux_losses(config: TransformerConfig, active: Sequence[int], num_microbatches: int) -> Dict[str, float]:
+def step_aux_losses(config: TransformerConfig, active: Sequence[int], num_microbatches: int,
+                    keep: bool = False) -> Dict[str, float]:
     """The step's auxiliary losses (Megatron's MoE metrics tracker, reduced over the pipeline stages and
-    averaged over the data-parallel ranks and microbatches), each averaged over the MoE layers that ran;
-    resets the tracker for the next step. Call on every rank, after the step's forward and backward."""
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    averaged over the data-parallel ranks and microbatches), each averaged over the MoE layers that ran.
+    Resets the tracker for the next step, unless `keep` (Megatron-LM's loop logs and resets it after the
+    step). Call on every rank, after the step's forward and backward."""
+    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker, get_moe_metrics_tracker
 
     on_path = set(active)
     ran = [int(moe and layer in on_path) for layer, moe in enumerate(moe_layer_pattern(config), start=1)]
     names = aux_loss_names(config)
     if not any(ran) or not names:  # nothing recorded, on any rank (all know the path)
         return {}
+    tracker = get_moe_metrics_tracker()
+    if keep:  # report a copy: reporting reduces the values in place and then zeroes them
+        tracker, recorded = MoEMetricsTracker(), tracker.metrics
+        tracker.metrics.update({name: dataclasses.replace(entry, values=entry.values.clone())
+                                for name, entry in recorded.items()})
     totals = {}
     # Megatron-LM's own report, counting as its MoE layers only those that ran (it divides by that count).
-    get_moe_metrics_tracker().report(loss_scale=1.0 / num_microbatches, iteration=0, force_initialize=True,
-                                     track_names=names, num_layers=config.num_layers, moe_layer_freq=ran,
-                                     total_loss_dict=totals)
+    tracker.report(loss_scale=1.0 / num_microbatches, iteration=0, force_initialize=True, track_names=names,
+                   num_layers=config.num_layers, moe_layer_freq=ran, total_loss_dict=totals)
     return {name: float(value) for name, value in totals.items()}
