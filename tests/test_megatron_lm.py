@@ -117,7 +117,8 @@ def test_raptr_in_megatron_lm_loop_skips_layers(tmp_path):
 
 def test_moe_under_expert_parallelism(tmp_path):
     """Megatron-LM's MoE flags, experts split over the 2 ranks (all-to-all dispatch): exactly the path's
-    layers get gradients, the two ranks together run the step's counted FLOPs (router and top-k experts:
+    layers get gradients and change in the optimizer step (Megatron chains a dense and an expert optimizer
+    here), the two ranks together run the step's counted FLOPs (router and top-k experts:
     each rank computes the tokens routed to its experts), and the records carry the auxiliary losses."""
     moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff",
            "0.001", "--moe-layer-freq", "([1,0,1,1])", "--swiglu", "--disable-bias-linear",
@@ -130,6 +131,7 @@ def test_moe_under_expert_parallelism(tmp_path):
     for (steps,) in ranks:
         for step, record in zip(steps, train):
             assert step["with_grad"] == record["active_layers"], step
+            assert step["moved"] == (record["active_layers"] if record["lr"] > 0 else []), step  # experts too
     for step, other, record in zip(ranks[0][0], ranks[1][0], train):
         assert step["flops"] + other["flops"] == record["step_flops"], record
 

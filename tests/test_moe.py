@@ -84,6 +84,25 @@ def test_path_equals_the_moe_gpt_of_exactly_its_layers(single_process_megatron):
     assert counter.get_total_flops() == step_flops(config, VOCAB, SEQ, BATCH * SEQ, ACTIVE)
 
 
+def test_skipped_layers_expert_bias_is_not_updated(single_process_megatron):
+    """Aux-loss-free balancing: the skipped MoE layer's router counts no tokens, and Megatron's update of
+    the expert bias (a step by the sign of each expert's distance to the mean count) leaves it as it is."""
+    from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
+    config = dataclasses.replace(moe_config(4, PATTERN), moe_router_enable_expert_bias=True,
+                                 moe_router_score_function="sigmoid")
+    model = GPTModel(config, get_gpt_raptr_block_spec(config, use_transformer_engine=False), vocab_size=VOCAB,
+                     max_sequence_length=SEQ)
+    PathSetter(model)(Path(0, 0, ACTIVE, {layer: 1.0 for layer in ACTIVE}))
+    forward_backward(model)
+    routers = {layer.layer_number: layer.mlp.router for layer in model.decoder.layers if hasattr(layer.mlp, "router")}
+    assert {number: bool(router.local_tokens_per_expert.any()) for number, router in routers.items()} == {
+        1: True, 3: False, 4: True}
+    skipped = routers[3]
+    updated = get_updated_expert_bias(skipped.local_tokens_per_expert.clone(), skipped.expert_bias, 1e-3)
+    assert torch.equal(updated, skipped.expert_bias)
+
+
 def test_moe_flops_count_the_router_and_the_top_k_experts():
     config = moe_config(4, PATTERN)
     h, ffn, experts, k = 64, config.moe_ffn_hidden_size, 4, 2
