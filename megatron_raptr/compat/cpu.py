@@ -389,6 +389,7 @@ def adapt_megatron_training_args(args) -> None:
     args.distributed_backend = "gloo"
     args.use_cpu_initialization = True
     args.gradient_accumulation_fusion = False  # a CUDA extension (Apex or Transformer Engine)
+    args.apply_rope_fusion = False  # Transformer Engine's kernel (on by default in Megatron-LM)
     # Transformer Engine's layers and Apex's persistent layer norm need CUDA; Megatron's torch norms
     # refuse the latter (on by default in Megatron-LM).
     args.transformer_impl = "local"
