@@ -2,6 +2,7 @@
 (--raptr-*, --stacking-*, --pld-*)."""
 
 import argparse
+import importlib.util
 import os
 import re
 from typing import List, Optional
@@ -353,6 +354,9 @@ def _validate_moe_args(args: argparse.Namespace) -> None:
         return
     if args.model != "gpt":
         raise ValueError(f"--num-experts: mixture of experts is for --model gpt, not {args.model}")
+    if importlib.util.find_spec("megatron.core.transformer.moe.moe_logging") is None:
+        raise ValueError("--num-experts needs a megatron-core with its MoE metrics tracker "
+                         "(megatron.core.transformer.moe.moe_logging; tested: 0.19.2)")
     if args.stacking_schedule is not None:
         raise ValueError("--num-experts: gradual stacking (--stacking-schedule) does not grow MoE models yet")
     for flag in ("num_experts", "moe_router_topk", "expert_model_parallel_size", "expert_tensor_parallel_size",
