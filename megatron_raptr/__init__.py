@@ -19,6 +19,7 @@ from megatron_raptr.layer import (
     get_bert_raptr_layer_spec,
     get_gpt_raptr_block_spec,
     get_gpt_raptr_layer_spec,
+    raptr_decoder_spec,
     raptr_layer_spec,
 )
 from megatron_raptr.layout import pipeline_layout
@@ -38,6 +39,7 @@ __all__ = [
     "get_gpt_raptr_block_spec",
     "get_gpt_raptr_layer_spec",
     "pipeline_layout",
+    "raptr_decoder_spec",
     "raptr_layer_spec",
     "verify_path_sync",
 ]

@@ -173,16 +173,19 @@ def per_layer_param_layout(module, ddp_config):
 
     # A layer larger than an explicit --ddp-bucket-size is split into buckets of about that size.
     bucket_size = ddp_config.bucket_size if ddp_config.overlap_grad_reduce else None
-    if ddp_config.use_distributed_optimizer:
-        dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    def shards(key):
+        """The distributed optimizer's shards of a buffer: over the data-parallel ranks, or for
+        expert-parallel parameters over the expert data-parallel ranks (None: no optimizer shards)."""
+        if not ddp_config.use_distributed_optimizer:
+            return None
+        if key.is_expert_parallel:
+            return parallel_state.get_expert_data_parallel_world_size()
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
-        def part_layout(params):
-            return DistributedOptimizer._compute_per_buffer_param_layout(params, bucket_size, dp_size, ddp_config)
-    else:
-        dp_size = None
-
-        def part_layout(params):
+    def part_layout(params, dp_size):
+        if dp_size is None:
             return _compute_default_per_buffer_param_layout(params, bucket_size)
+        return DistributedOptimizer._compute_per_buffer_param_layout(params, bucket_size, dp_size, ddp_config)
 
     owner = {param: layer for layer in module.modules() if isinstance(layer, TransformerLayer)
              for param in layer.parameters()}
@@ -190,11 +193,12 @@ def per_layer_param_layout(module, ddp_config):
     layouts = {}
     for key, (buffer_params, param_indices) in group_params_for_buffers(
             params, ddp_config.grad_reduce_in_fp32).items():
+        dp_size = shards(key)
         layout = PerBufferParamLayout(param_indices=param_indices, num_optimizer_shards=dp_size)
         end = 0
         # Megatron fills a buffer from its last parameter backwards (backward-pass order).
         for _, run in itertools.groupby(reversed(buffer_params), key=owner.get):
-            part = part_layout(list(run)[::-1])
+            part = part_layout(list(run)[::-1], dp_size)
             first_bucket = len(layout.bucket_indices)
             for param, (start, stop, bucket) in part.param_index_map.items():
                 layout.param_index_map[param] = (start + end, stop + end, bucket + first_bucket)

@@ -1,28 +1,51 @@
 """Model FLOPs of GPT and BERT training steps, counting only the layers on the path.
 
 The count follows Megatron-LM's ``num_floating_point_operations`` for a dense
-GPT: matrix multiplies only, backward = 2x forward, activation recompute not
-counted (model FLOPs, not hardware FLOPs). Attention scores are counted as the
+GPT (an MoE layer: its router and the top-k experts per token): matrix multiplies only,
+backward = 2x forward, activation recompute not counted (model FLOPs, not hardware FLOPs). Attention scores are counted as the
 full seq x seq product that Megatron's attention computes, causal (GPT) or
 bidirectional (BERT) alike.
 """
 
+from typing import Sequence, Union
+
 from megatron.core.transformer import TransformerConfig
 
+from megatron_raptr.moe import moe_layer_pattern
 from megatron_raptr.schedule import RaptrSchedule
 
 
-def layer_forward_flops_per_token(config: TransformerConfig, seq_length: int) -> int:
+def layer_forward_flops_per_token(config: TransformerConfig, seq_length: int, moe: bool = False) -> int:
+    """A dense layer's forward FLOPs per token; an MoE layer's (``moe``): its router and the MLPs of
+    the top-k experts each token goes to (and the shared experts, if any)."""
     h = config.hidden_size
     query = config.kv_channels * config.num_attention_heads
     key_value = config.kv_channels * (config.num_query_groups or config.num_attention_heads)
     mlp_inputs = 2 if config.gated_linear_unit else 1
+    if moe:
+        mlp_hidden = config.moe_router_topk * config.moe_ffn_hidden_size + (
+            config.moe_shared_expert_intermediate_size or 0)
+        router = h * config.num_moe_experts
+    else:
+        mlp_hidden, router = config.ffn_hidden_size, 0
     return 2 * (
         h * (query + 2 * key_value)  # QKV projection
         + 2 * seq_length * query  # scores and weighted values
         + query * h  # output projection
-        + (mlp_inputs + 1) * h * config.ffn_hidden_size  # fc1 (x2 when gated) and fc2
+        + router
+        + (mlp_inputs + 1) * h * mlp_hidden  # fc1 (x2 when gated) and fc2
     )
+
+
+def layers_forward_flops_per_token(config: TransformerConfig, seq_length: int,
+                                   layers: Union[float, Sequence[int]]) -> float:
+    """Forward FLOPs per token of ``layers``: 1-based layer numbers, or a number of layers of the
+    model's mean layer cost (an expected path length; all of them: the whole model's)."""
+    pattern = moe_layer_pattern(config)
+    cost = {moe: layer_forward_flops_per_token(config, seq_length, bool(moe)) for moe in set(pattern)}
+    if isinstance(layers, (int, float)):
+        return layers * sum(cost[moe] for moe in pattern) / len(pattern)
+    return sum(cost[pattern[layer - 1]] for layer in layers)
 
 
 def logits_forward_flops_per_token(config: TransformerConfig, vocab_size: int) -> int:
@@ -37,11 +60,11 @@ def bert_head_forward_flops_per_token(config: TransformerConfig, seq_length: int
     return 2 * h * h + per_sequence / seq_length
 
 
-def step_flops(config: TransformerConfig, vocab_size: int, seq_length: int, tokens: int, path_length: float,
-               head_flops_per_token: float = 0.0) -> float:
-    """Training FLOPs (forward + backward) of ``tokens`` tokens through ``path_length`` layers and the
-    output layer; ``head_flops_per_token``: other heads' forward FLOPs (BERT's)."""
-    per_token = path_length * layer_forward_flops_per_token(config, seq_length) + head_flops_per_token
+def step_flops(config: TransformerConfig, vocab_size: int, seq_length: int, tokens: int,
+               layers: Union[float, Sequence[int]], head_flops_per_token: float = 0.0) -> float:
+    """Training FLOPs (forward + backward) of ``tokens`` tokens through ``layers`` (layer numbers, or a
+    number of layers) and the output layer; ``head_flops_per_token``: other heads' forward FLOPs (BERT's)."""
+    per_token = layers_forward_flops_per_token(config, seq_length, layers) + head_flops_per_token
     return 3 * tokens * (per_token + logits_forward_flops_per_token(config, vocab_size))
 
 

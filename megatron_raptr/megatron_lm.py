@@ -47,6 +47,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
@@ -54,6 +55,7 @@ from megatron_raptr.flops import schedule_flops_fraction, step_flops
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter, check_gateable, raptr_decoder_spec
 from megatron_raptr.layout import pipeline_layout
+from megatron_raptr.moe import step_aux_losses
 from megatron_raptr.optimizer_step import install_optimizer_step
 from megatron_raptr.sampler import PathSampler
 from megatron_raptr.sync import verify_path_sync
@@ -205,7 +207,7 @@ class RaptrLoop:
         if self.sampler is None:
             self._bind(model, optimizer, config)
             # A resumed run's FLOPs so far: the path of every step is known from its iteration.
-            self.cumulative_flops = sum(self.flops(len(self.sampler.path(t).active)) for t in range(iteration))
+            self.cumulative_flops = sum(self.flops(self.sampler.path(t).active) for t in range(iteration))
         path = self.sampler.path(iteration)
         if path.stage != self.stage:
             self.stage = path.stage
@@ -222,16 +224,17 @@ class RaptrLoop:
         result = original(*args, **kwargs)
 
         loss_dict, grad_norm = result[0], result[5]
-        flops = self.flops(len(path.active))
+        flops = self.flops(path.active)
         self.cumulative_flops += flops
         self.iteration = iteration + 1
         loss = loss_dict.get("lm loss")
+        aux_losses = step_aux_losses(config, path.active, get_num_microbatches(), keep=True)
         self.metrics.train(dict(
             iteration=iteration + 1, stage=path.stage, path_length=len(path.active),
             active_layers=list(path.active), lm_loss=None if loss is None else float(loss), lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             tokens=self.args.global_batch_size * self.args.seq_length, step_flops=flops,
-            cumulative_flops=self.cumulative_flops, elapsed_s=time.perf_counter() - self.started,
+            cumulative_flops=self.cumulative_flops, **aux_losses, elapsed_s=time.perf_counter() - self.started,
         ))
         return result
 

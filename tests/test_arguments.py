@@ -5,6 +5,8 @@ import sys
 import pytest
 import torch
 
+from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
+
 from megatron_raptr.training.arguments import parse_args
 
 BASE = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
@@ -122,6 +124,22 @@ def test_each_method_flag_chooses_its_method_with_defaults():
     (["--save", "never-created", "--dist-ckpt-optim-fully-reshardable"], 1,
      "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
+    (["--moe-router-topk", "1", "--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size needs --num-experts"),
+    (["--moe-z-loss-coeff", "0.1"], 1, "--moe-z-loss-coeff needs --num-experts"),
+    (["--num-experts", "4"], 1, "--num-experts needs --disable-bias-linear"),
+    *[(["--disable-bias-linear", "--num-experts", "4", *extra], world_size, message) for extra, world_size, message in [
+        (["--moe-router-topk", "5"], 1, "--moe-router-topk 5 exceeds --num-experts 4"),
+        (["--tensor-model-parallel-size", "2"], 2, "--tensor-model-parallel-size > 1 needs --sequence-parallel"),
+        (["--expert-model-parallel-size", "3"], 3, "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
+        (["--expert-model-parallel-size", "4"], 2, "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 1"),
+        (["--moe-layer-freq", "([0,1]*3)"], 1, "--moe-layer-freq: the pattern has 6 layers, --num-layers 4"),
+        (["--moe-layer-freq", "[0,2,1,1]"], 1, "expected a list of 0 (dense) and 1 (MoE)"),
+        (["--moe-layer-freq", "[open]"], 1, "--moe-layer-freq: not a list expression of digits"),
+        (["--moe-layer-freq", "[1,0]*"], 1, "--moe-layer-freq: not a list expression: '[1,0]*'"),
+        (["--stacking-schedule", "2@0"], 1, "--num-experts: gradual stacking"),
+        (["--model", "bert"], 1, "--num-experts: mixture of experts is for --model gpt"),
+        *([(["--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs Transformer Engine")] if not HAVE_TE else []),
+    ]],
 ])
 def test_bad_arguments_name_the_flag(extra, world_size, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -64,7 +64,7 @@ def test_path_of_k_layers_costs_a_dense_k_layer_model():
     assert flops == dense_flops
     assert activation_bytes == dense_activation_bytes
     # The FLOPs accounting agrees with an independent count of every matmul.
-    assert flops == step_flops(raptr.config, VOCAB, SEQ, BATCH * SEQ, path_length=3)
+    assert flops == step_flops(raptr.config, VOCAB, SEQ, BATCH * SEQ, layers=3)
 
 
 def test_path_equals_a_dense_model_of_exactly_its_layers():

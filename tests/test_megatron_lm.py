@@ -115,6 +115,27 @@ def test_raptr_in_megatron_lm_loop_skips_layers(tmp_path):
         assert steps[0]["flops"] < steps[-1]["flops"]
 
 
+def test_moe_under_expert_parallelism(tmp_path):
+    """Megatron-LM's MoE flags, experts split over the 2 ranks (all-to-all dispatch): exactly the path's
+    layers get gradients and change in the optimizer step (Megatron chains a dense and an expert optimizer
+    here), the two ranks together run the step's counted FLOPs (router and top-k experts:
+    each rank computes the tokens routed to its experts), and the records carry the auxiliary losses."""
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff",
+           "0.001", "--moe-layer-freq", "([1,0,1,1])", "--swiglu", "--disable-bias-linear",
+           "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
+    ranks = run_distributed(_train_each, 2, [_argv(tmp_path, "moe", *RAPTR, "--raptr-verify-sync", "1", *moe)])
+    train, _ = _records(tmp_path, "moe")
+    assert [r["path_length"] for r in train] == [2] * 4 + [4] * 4
+    assert all(r["load_balancing_loss"] > 0 and r["z_loss"] > 0 for r in train)
+    assert train[-1]["lm_loss"] < train[0]["lm_loss"]
+    for (steps,) in ranks:
+        for step, record in zip(steps, train):
+            assert step["with_grad"] == record["active_layers"], step
+            assert step["moved"] == (record["active_layers"] if record["lr"] > 0 else []), step  # experts too
+    for step, other, record in zip(ranks[0][0], ranks[1][0], train):
+        assert step["flops"] + other["flops"] == record["step_flops"], record
+
+
 def test_paths_agree_under_tensor_pipeline_and_data_parallelism(tmp_path):
     """Every rank checks the path checksum each step (--raptr-verify-sync 1); each layout trains the
     paths of the single-layout run, on pipeline stages that hold only some of the layers."""

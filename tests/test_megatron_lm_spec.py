@@ -8,6 +8,7 @@ examples/pretrain_gpt_megatron_lm.py with RaPTr. Needs megatron.training (megatr
 """
 
 import functools
+import json
 import runpy
 import sys
 
@@ -96,17 +97,37 @@ def _first_steps(flag_sets):
     return runs
 
 
-def test_raptr_trains_the_model_megatron_lm_builds():
-    (runs,) = run_distributed(_first_steps, 1, list(FLAG_SETS.values()), timeout_s=600)
-    plain = {name: runs[i] for i, name in enumerate(FLAG_SETS)}
-    raptr = {name: runs[len(FLAG_SETS) + i] for i, name in enumerate(FLAG_SETS)}
+def _heterogeneous(tmp_path):
+    """Per-layer attention and MLP configs (a Nemotron-style block_configs file): layer 2 has no attention,
+    layer 4 no MLP, layer 3 a narrower MLP; and the flags Megatron-LM requires to agree with the file."""
+    def block(heads_in_group=2, ffn_mult=2.0):
+        return {"attention": {"n_heads_in_group": heads_in_group, "no_op": heads_in_group is None,
+                              "replace_with_linear": False},
+                "ffn": {"ffn_mult": ffn_mult, "no_op": ffn_mult is None, "replace_with_linear": False}}
+
+    path = tmp_path / "heterogeneous.json"
+    path.write_text(json.dumps({
+        "hidden_act": "silu", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+        "tie_word_embeddings": True, "rope_theta": 10000, "rope_scaling": {"factor": 8.0},
+        "block_configs": [block(), block(heads_in_group=None), block(ffn_mult=1.0), block(ffn_mult=None)]}))
+    return ["--heterogeneous-layers-config-path", str(path), "--swiglu", "--normalization", "RMSNorm",
+            "--group-query-attention", "--num-query-groups", "2", "--position-embedding-type", "rope",
+            "--use-rope-scaling", "--use-rotary-position-embeddings", "--rotary-base", "10000",
+            "--rope-scaling-factor", "8"]
+
+
+def test_raptr_trains_the_model_megatron_lm_builds(tmp_path):
+    flag_sets = {**FLAG_SETS, "heterogeneous": _heterogeneous(tmp_path)}
+    (runs,) = run_distributed(_first_steps, 1, list(flag_sets.values()), timeout_s=600)
+    plain = {name: runs[i] for i, name in enumerate(flag_sets)}
+    raptr = {name: runs[len(flag_sets) + i] for i, name in enumerate(flag_sets)}
     counts = {name: sum(w.numel() for w in run["weights"].values()) for name, run in plain.items()}
     # The flags change Megatron-LM's model: experts (more parameters), qk norms. (Multi-latent attention
     # has no local spec Megatron-Core can build: its DotProductAttention takes no k_channels.)
     assert counts["moe-top2"] > 1.5 * counts["plain"] and counts["qk-layernorm"] > counts["plain"]
-    assert len({tuple(run["modules"]) for run in plain.values()}) == len(FLAG_SETS) - 1
+    assert len({tuple(run["modules"]) for run in plain.values()}) == len(flag_sets) - 1
     assert plain["spec-given"]["modules"] == plain["qk-layernorm"]["modules"]
-    for name in FLAG_SETS:
+    for name in flag_sets:
         expected, got = plain[name], raptr[name]
         gated = [(module, "TransformerLayer" if cls == "RaptrTransformerLayer" else cls)
                  for module, cls in got["modules"]]

@@ -125,7 +125,7 @@ def test_raptr_checkpoint_finishes_as_full_model(runs):
 
 def test_flops_follow_the_path_for_every_method(runs):
     config = types.SimpleNamespace(hidden_size=64, kv_channels=16, num_attention_heads=4, num_query_groups=None,
-                                   gated_linear_unit=False, ffn_hidden_size=256)
+                                   gated_linear_unit=False, ffn_hidden_size=256, num_layers=8, num_moe_experts=None)
     names = ("stacking", "stacking-pp2", "pld", "pld-8-layers", "raptr", "raptr-then-full")
     train = [record for name in names for record in train_records(runs, name)]
     assert {r["path_length"] for r in train} >= {2, 3, 4, 5, 6, 7, 8}

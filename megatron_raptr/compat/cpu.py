@@ -64,6 +64,12 @@ _MODULES_ASSUMING_CUDA = {
     "megatron.core.dist_checkpointing.exchange_utils",
 }
 
+# Megatron-Core modules that also need CUDA streams (no-ops on the CPU).
+_MODULES_USING_CUDA_STREAMS = {
+    # The all-to-all MoE token dispatcher copies its token counts to the host on a stream of its own.
+    "megatron.core.transformer.moe.token_dispatcher",
+}
+
 # Megatron-LM's loop: modules that also need to see a CUDA device.
 _TRAINING_MODULES_ASSUMING_CUDA = {
     # initialize_megatron asserts CUDA; model-parallel groups and the RNG tracker's seeds are
@@ -167,6 +173,12 @@ class _NoStream:
         pass
 
     def wait_stream(self, stream):
+        pass
+
+    def record_event(self):
+        return self  # an event that has happened: synchronize() returns at once
+
+    def synchronize(self):
         pass
 
 
@@ -317,6 +329,22 @@ def _patch_rng():
         mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
 
+def _patch_moe_host_copies():
+    """The all-to-all MoE dispatcher copies its split sizes to the host as numpy arrays, which
+    all_to_all_single takes; Megatron copies only CUDA tensors, so on the CPU they stayed tensors."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(to_host)
+    def to_host_on_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy, record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host_on_cpu
+
+
 def install() -> None:
     """Adapt Megatron-Core to the CPU. Idempotent. Call before seeding Megatron's RNG
     tracker (initialize_distributed does), and only without CUDA."""
@@ -326,8 +354,10 @@ def install() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("megatron_raptr.compat.cpu.install() is for machines without CUDA")
     _redirect(_MODULES_ASSUMING_CUDA, _TorchOnCpu())
+    _redirect(_MODULES_USING_CUDA_STREAMS, _TorchOnCpu(device_present=True))
     _patch_tensor_checks()
     _patch_rng()
+    _patch_moe_host_copies()
     _installed = True
 
 
@@ -359,6 +389,7 @@ def adapt_megatron_training_args(args) -> None:
     args.distributed_backend = "gloo"
     args.use_cpu_initialization = True
     args.gradient_accumulation_fusion = False  # a CUDA extension (Apex or Transformer Engine)
+    args.apply_rope_fusion = False  # Transformer Engine's kernel (on by default in Megatron-LM)
     # Transformer Engine's layers and Apex's persistent layer norm need CUDA; Megatron's torch norms
     # refuse the latter (on by default in Megatron-LM).
     args.transformer_impl = "local"

@@ -2,10 +2,14 @@
 (--raptr-*, --stacking-*, --pld-*)."""
 
 import argparse
+import importlib.util
 import os
+import re
 from typing import List, Optional
 
 import torch
+
+from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
 
 from megatron_raptr.pld import PLDSchedule
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
@@ -18,6 +22,7 @@ from megatron_raptr.unsupported import add_refused_args, check_refused
 # DeepSpeed's progressive layer drop defaults (Zhang and He's setting).
 PLD_THETA, PLD_GAMMA = 0.5, 0.001
 # The flags that choose a method; a run trains with one.
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 METHOD_FLAGS = (("raptr", "raptr_schedule"), ("stacking", "stacking_schedule"), ("pld", "pld_theta"),
                 ("pld", "pld_gamma"))
 
@@ -40,6 +45,43 @@ def _add_model_args(parser):
     group.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
     group.add_argument("--swiglu", action="store_true")
     group.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+
+
+def _add_moe_args(parser):
+    group = parser.add_argument_group("mixture of experts (Megatron-LM's flags; GPT only)")
+    group.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (default: dense layers)")
+    group.add_argument("--moe-router-topk", type=int, default=2, help="experts each token is routed to")
+    group.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="an expert's hidden size "
+                       "(default: --ffn-hidden-size)")
+    group.add_argument("--moe-layer-freq", type=_moe_layer_freq, default=1,
+                       help="N: every Nth layer is MoE, the first included; or a pattern of 0 (dense) and 1 (MoE) "
+                            "per layer as a Python list expression, e.g. '([0,1]*2)'")
+    group.add_argument("--moe-router-load-balancing-type", choices=MOE_LOAD_BALANCING, default="aux_loss")
+    group.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="weight of the load-balancing loss")
+    group.add_argument("--moe-z-loss-coeff", type=float, default=None, help="weight of the router z-loss")
+    group.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather")
+    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+    group.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                       help="default: --tensor-model-parallel-size")
+    group.add_argument("--moe-grouped-gemm", action="store_true",
+                       help="experts as one grouped GEMM (needs Transformer Engine)")
+    group.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false",
+                       help="no biases in linear layers (needed with --num-experts)")
+
+
+def _moe_layer_freq(text: str):
+    """An int, or a list of 0 and 1 per layer written as a Python list expression (as Megatron-LM's)."""
+    if "[" not in text:
+        return int(text)
+    if re.search(r"[^\d\s,\[\]()+*]", text):  # list arithmetic only, as Megatron-LM allows
+        raise argparse.ArgumentTypeError(f"not a list expression of digits, [], (), + and *: {text!r}")
+    try:
+        pattern = eval(text)
+    except Exception as error:
+        raise argparse.ArgumentTypeError(f"not a list expression: {text!r} ({error})") from None
+    if not isinstance(pattern, list) or not set(pattern) <= {0, 1}:
+        raise argparse.ArgumentTypeError(f"expected a list of 0 (dense) and 1 (MoE), got {pattern!r}")
+    return pattern
 
 
 def _add_parallel_args(parser):
@@ -195,6 +237,7 @@ class _LayerNumbers(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="RaPTr GPT and BERT pretraining on Megatron-Core", allow_abbrev=False)
     _add_model_args(parser)
+    _add_moe_args(parser)
     _add_parallel_args(parser)
     _add_fusion_args(parser)
     _add_training_args(parser)
@@ -249,6 +292,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.num_layers % args.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
                          f"{args.pipeline_model_parallel_size}")
+    _validate_moe_args(args)
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.bf16 and args.fp16:
@@ -304,6 +348,51 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except ImportError:
             raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
     args.raptr = build_schedule(args)  # the run's path schedule, whatever the method
+
+
+def _validate_moe_args(args: argparse.Namespace) -> None:
+    """Mixture of experts: the flags against the model and the parallel layout."""
+    args.expert_tensor_parallel_size = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if args.num_experts is None:
+        given = [flag for flag in ("moe_ffn_hidden_size", "moe_z_loss_coeff", "moe_grouped_gemm") if getattr(args, flag)]
+        given += [flag for flag in ("expert_model_parallel_size",) if getattr(args, flag) != 1]
+        if given:
+            raise ValueError(f"{_flag(given[0])} needs --num-experts")
+        return
+    if args.model != "gpt":
+        raise ValueError(f"--num-experts: mixture of experts is for --model gpt, not {args.model}")
+    if importlib.util.find_spec("megatron.core.transformer.moe.moe_logging") is None:
+        raise ValueError("--num-experts needs a megatron-core with its MoE metrics tracker "
+                         "(megatron.core.transformer.moe.moe_logging; tested: 0.19.2)")
+    if args.stacking_schedule is not None:
+        raise ValueError("--num-experts: gradual stacking (--stacking-schedule) does not grow MoE models yet")
+    for flag in ("num_experts", "moe_router_topk", "expert_model_parallel_size", "expert_tensor_parallel_size",
+                 "moe_ffn_hidden_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"{_flag(flag)} must be positive, got {getattr(args, flag)}")
+    if args.moe_router_topk > args.num_experts:
+        raise ValueError(f"--moe-router-topk {args.moe_router_topk} exceeds --num-experts {args.num_experts}")
+    if args.num_experts % args.expert_model_parallel_size:
+        raise ValueError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
+                         f"{args.expert_model_parallel_size}")
+    expert_model_parallel = args.expert_model_parallel_size * args.expert_tensor_parallel_size
+    if (args.world_size // args.pipeline_model_parallel_size) % expert_model_parallel:
+        raise ValueError(f"--expert-model-parallel-size {args.expert_model_parallel_size} x "
+                         f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} does not divide the "
+                         f"{args.world_size // args.pipeline_model_parallel_size} ranks of a pipeline stage")
+    if isinstance(args.moe_layer_freq, list) and len(args.moe_layer_freq) != args.num_layers:
+        raise ValueError(f"--moe-layer-freq: the pattern has {len(args.moe_layer_freq)} layers, "
+                         f"--num-layers {args.num_layers}")
+    if isinstance(args.moe_layer_freq, int) and args.moe_layer_freq < 1:
+        raise ValueError(f"--moe-layer-freq must be positive, got {args.moe_layer_freq}")
+    if args.add_bias_linear:
+        raise ValueError("--num-experts needs --disable-bias-linear: Megatron-Core's experts with biases fail in "
+                         "their first backward (an in-place add on a view of a tensor-parallel output)")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        raise ValueError("--num-experts with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron-Core's "
+                         "MoE layers refuse to train without it)")
+    if args.moe_grouped_gemm and not HAVE_TE:
+        raise ValueError("--moe-grouped-gemm needs Transformer Engine (Megatron's local experts run one by one)")
 
 
 def default_num_workers() -> int:

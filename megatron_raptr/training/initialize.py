@@ -7,7 +7,7 @@ import os
 import random
 import socket
 from datetime import timedelta
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -41,9 +41,11 @@ def initialize_distributed(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 10,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
 ) -> None:
     """Join the torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
-    build Megatron's model-parallel groups and seed every RNG as Megatron-LM does.
+    build Megatron's model-parallel groups (expert-parallel ones too) and seed every RNG as Megatron-LM does.
 
     Without torchrun variables it runs as a single process. Idempotent for equal sizes.
     """
@@ -99,6 +101,8 @@ def initialize_distributed(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             distributed_timeout_minutes=timeout_minutes,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
         )
 
     # Megatron-LM: every pipeline stage gets its own seed; the tracker derives the

@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_raptr.flops import schedule_flops_fraction, step_flops
+from megatron_raptr.moe import step_aux_losses
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import PathSetter
 from megatron_raptr.layout import pipeline_layout
@@ -127,7 +128,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        flops = self.flops(len(path.active))
+        flops = self.flops(path.active)
         state.iteration += 1
         state.consumed_samples += self.args.global_batch_size
         state.cumulative_flops += flops
@@ -140,6 +141,7 @@ class Trainer:
         )
         if "sop loss" in means:
             record["sop_loss"] = means["sop loss"]
+        record.update(step_aux_losses(self.config, path.active, self.args.num_microbatches))
         return record
 
     def _check_finite(self, losses: Sequence[dict], path: Path) -> None:
@@ -324,7 +326,8 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
 
 def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[ExitSignalHandler]) -> Optional[float]:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
-                           args.distributed_timeout_minutes)
+                           args.distributed_timeout_minutes, args.expert_model_parallel_size,
+                           args.expert_tensor_parallel_size)
     try:
         data.check_token_ids(args)  # needs the process group: one rank reads the data
     except ValueError as error:

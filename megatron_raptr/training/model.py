@@ -136,6 +136,27 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         apply_rope_fusion=args.apply_rope_fusion,
         # As Megatron-LM: a sent activation's storage is freed, only its autograd graph is kept.
         deallocate_pipeline_outputs=args.pipeline_model_parallel_size > 1,
+        add_bias_linear=args.add_bias_linear,
+        **moe_config(args),
+    )
+
+
+def moe_config(args: argparse.Namespace) -> dict:
+    """TransformerConfig's mixture-of-experts fields from Megatron-LM's MoE flags (none without --num-experts)."""
+    if args.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_layer_freq=args.moe_layer_freq,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
 
 
