@@ -77,11 +77,13 @@ def _wrap(optimizer: MegatronOptimizer, chunks: List[RaptrDistributedDataParalle
     layer_of_main = {main: layer_of[param] for param, main in main_of.items() if param in layer_of}
     inner = optimizer.optimizer
     group_of = {param: index for index, group in enumerate(inner.param_groups) for param in group["params"]}
-    _create_states(inner)
     step_with_ready_grads, inner_step = optimizer.step_with_ready_grads, inner.step
     missed_of = {}  # main parameter -> the steps its layer missed, for this step
 
     def step_on_path():
+        # At the first step that is taken, not before: Megatron's checkpoints lose a count of 0
+        # (a step skipped by the fp16 loss scaler leaves it so), and then fail to load.
+        _create_states(inner, inner_step)
         path = chunks[0].path
         if path is None:  # no path applied: the full model
             return step_with_ready_grads()
@@ -160,23 +162,24 @@ def _counts_per_parameter(inner: torch.optim.Optimizer, missed_of: Dict[torch.nn
             inner.state[param]["step"] = step + 1
 
 
-def _create_states(inner: torch.optim.Optimizer) -> None:
-    """Gives every parameter its Adam state now, as a first step would (zeros, step 0), by a step
-    that moves nothing (zero gradients, learning rate and weight decay 0)."""
+def _create_states(inner: torch.optim.Optimizer, step) -> None:
+    """Gives every parameter its Adam state now, as a first step would (zeros, step 0), by a `step`
+    that moves nothing (zero gradients, learning rate and weight decay 0); once."""
     params = [param for group in inner.param_groups for param in group["params"] if param.numel()]
     if any(param in inner.state for param in params):
         return
     saved = [(group["lr"], group["weight_decay"]) for group in inner.param_groups]
     for group in inner.param_groups:
         group["lr"] = group["weight_decay"] = 0.0
+    grads = [param.grad for param in params]
     for param in params:
         param.grad = torch.zeros_like(param)
-    inner.step()
+    step()
     for group, (lr, weight_decay) in zip(inner.param_groups, saved):
         group["lr"], group["weight_decay"] = lr, weight_decay
         if "step" in group:  # FusedAdam's count per group
             group["step"] = 0
-    for param in params:
-        param.grad = None
+    for param, grad in zip(params, grads):
+        param.grad = grad
         if "step" in inner.state[param]:
             inner.state[param]["step"].zero_()
