@@ -17,6 +17,7 @@ only), MFU and peak memory are reported too; --json writes all figures.
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -33,7 +34,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, 
 
 
 def build(num_layers, common, raptr):
-    args = parse_args(common + ["--num-layers", str(num_layers)] + raptr)
+    args = parse_args(common + ["--num-layers", str(num_layers)] + raptr, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     trainer, tokenizer = build_trainer(args)
     train, _ = data.build_datasets(args, tokenizer)
     iterator = data.build_data_iterator(train, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
