@@ -37,6 +37,8 @@ def step_aux_losses(config: TransformerConfig, active: Sequence[int], num_microb
     averaged over the data-parallel ranks and microbatches), each averaged over the MoE layers that ran.
     Resets the tracker for the next step, unless `keep` (Megatron-LM's loop logs and resets it after the
     step). Call on every rank, after the step's forward and backward."""
+    if config.num_moe_experts is None:  # a dense model (and megatron-core 0.16, which has no tracker)
+        return {}
     from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker, get_moe_metrics_tracker
 
     on_path = set(active)
