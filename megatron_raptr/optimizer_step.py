@@ -79,11 +79,15 @@ def _wrap(optimizer: MegatronOptimizer, chunks: List[RaptrDistributedDataParalle
     group_of = {param: index for index, group in enumerate(inner.param_groups) for param in group["params"]}
     step_with_ready_grads, inner_step = optimizer.step_with_ready_grads, inner.step
     missed_of = {}  # main parameter -> the steps its layer missed, for this step
+    states_created = False
 
     def step_on_path():
-        # At the first step that is taken, not before: Megatron's checkpoints lose a count of 0
-        # (a step skipped by the fp16 loss scaler leaves it so), and then fail to load.
-        _create_states(inner, inner_step)
+        nonlocal states_created
+        if not states_created:
+            # At the first step that is taken, not before: Megatron's checkpoints lose a count of 0
+            # (a step skipped by the fp16 loss scaler leaves it so), and then fail to load.
+            _create_states(inner, inner_step)
+            states_created = True
         path = chunks[0].path
         if path is None:  # no path applied: the full model
             return step_with_ready_grads()
