@@ -379,6 +379,18 @@ def install_megatron_training() -> None:
     # Megatron's fused kernels are torch.compile'd; on the CPU, compiling them (the loop warms
     # them up at start) takes about half a minute per process, for no gain: run them eagerly.
     torch._dynamo.config.disable = True
+    # The fusions' warm-up draws its random inputs from CUDA's generator on a GPU; here from the one
+    # that then initializes the weights, which would differ from a GPU run's and pretrain_raptr.py's.
+    from megatron.training import training
+
+    warm_up = training.set_jit_fusion_options
+
+    @functools.wraps(warm_up)
+    def warm_up_leaving_rng_alone(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return warm_up(*args, **kwargs)
+
+    training.set_jit_fusion_options = warm_up_leaving_rng_alone
     _training_installed = True
 
 

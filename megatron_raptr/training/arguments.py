@@ -40,6 +40,9 @@ def _add_model_args(parser):
     group.add_argument("--hidden-dropout", type=float, default=0.1)
     group.add_argument("--attention-dropout", type=float, default=0.1)
     group.add_argument("--init-method-std", type=float, default=0.02)
+    group.add_argument("--use-cpu-initialization", action="store_true",
+                       help="draw each weight whole from the CPU generator, then split it over tensor-parallel ranks "
+                            "(Megatron-LM's flag: the weights Megatron-LM's loop builds on a CPU)")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     group.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     group.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
