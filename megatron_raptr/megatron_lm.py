@@ -9,11 +9,12 @@ What a Megatron-LM `pretrain_gpt.py` adds (see examples/pretrain_gpt_megatron_lm
     model_cfg = gpt_config_from_args(args)
     pretrain(pretrain_cfg_container_from_args(args, model_cfg), ...)
 
-and on the command line the `--raptr-*` flags. `setup()` makes
+and on the command line the method's flags, as pretrain_raptr.py's: `--raptr-*` (RaPTr),
+`--stacking-*` (gradual stacking) or `--pld-*` (progressive layer dropping). `setup()` makes
 `--spec megatron_raptr.megatron_lm gpt_layer_spec` the spec: the one Megatron-LM would build
 for the flags (its own `default_layer_spec`, or the `--spec` given), every TransformerLayer
-gated, nothing else changed. Without
-`--raptr-schedule` every step trains the full model (the baseline, through the same code).
+gated, nothing else changed. Without a method's flags every step trains the full model
+(the baseline, through the same code).
 
 Megatron-LM's extension points carry the model and the flags: `--spec` builds the
 gated layers, `extra_args_provider` adds the flags. Three things have none, and
@@ -24,11 +25,11 @@ gated layers, `extra_args_provider` adds the flags. Three things have none, and
   (`megatron.training.models.dist_utils.DistributedDataParallel`) construct it by
   module-level name; RaptrDistributedDataParallel reports skipped layers' parameters
   ready, without which `--overlap-grad-reduce` waits for them forever;
-* `train_step`, which `train()` calls by module-level name, is wrapped: before it, the
-  step's path is applied (a pure function of the iteration: every rank and pipeline
-  stage agrees with no communication), stage hooks run and scale the learning rate
-  (the optimizer is only reachable there); after it, the step's metrics record is
-  written from the data-parallel-reduced loss and grad norm it returns;
+* `train_step`, which `train()` calls by module-level name, is wrapped in the per-step
+  runtime that pretrain_raptr.py's trainer runs too (megatron_raptr/runtime.py; the model
+  and optimizer are only reachable there): before it, the stage hooks (stacking's growth
+  among them), the step's path and the learning-rate scale; after it, the step's metrics
+  record, from the data-parallel-reduced loss and grad norm it returns;
 * `evaluate` is wrapped to write the evaluation records.
 
 And one for the PyPI wheel itself: `initialize_megatron` runs `make` on the dataset
@@ -40,8 +41,6 @@ import, compiling is skipped.
 import functools
 import importlib.util
 import inspect
-import math
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -51,17 +50,11 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
 from megatron_raptr.ddp import RaptrDistributedDataParallel
-from megatron_raptr.flops import schedule_flops_fraction, step_flops
 from megatron_raptr.hooks import StageHook, default_hooks
-from megatron_raptr.layer import PathSetter, check_gateable, raptr_decoder_spec
-from megatron_raptr.layout import pipeline_layout
-from megatron_raptr.moe import step_aux_losses
-from megatron_raptr.optimizer_step import install_optimizer_step
-from megatron_raptr.sampler import PathSampler
-from megatron_raptr.sync import verify_path_sync
+from megatron_raptr.layer import check_gateable, raptr_decoder_spec
+from megatron_raptr.runtime import StepRuntime
 from megatron_raptr.training.arguments import _add_pld_args, _add_raptr_args, _add_stacking_args, build_schedule
-from megatron_raptr.training.initialize import current_device
-from megatron_raptr.training.metrics import MetricsWriter, perplexity
+from megatron_raptr.training.metrics import log
 from megatron_raptr.unsupported import check_refused
 
 SPEC = ("megatron_raptr.megatron_lm", "gpt_layer_spec")
@@ -78,7 +71,7 @@ def add_arguments(parser):
 
         cpu.install_megatron_training()
     _add_raptr_args(parser)
-    _add_stacking_args(parser)  # known, so that they are refused by name (setup)
+    _add_stacking_args(parser)
     _add_pld_args(parser)
     parser.add_argument_group("RaPTr metrics").add_argument(
         "--metrics-file", default=None,
@@ -135,10 +128,6 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
 
 def _check_args(args) -> None:
     check_refused(args)
-    given = [flag for flag in ("stacking_schedule", "pld_theta", "pld_gamma") if getattr(args, flag) is not None]
-    if given:
-        raise ValueError(f"--{given[0].replace('_', '-')}: in Megatron-LM's loop only RaPTr is supported yet; "
-                         "gradual stacking and progressive layer dropping run with pretrain_raptr.py")
     if args.use_megatron_fsdp or args.use_torch_fsdp2:
         raise ValueError(
             "RaPTr does not run under --use-megatron-fsdp or --use-torch-fsdp2: a skipped layer's "
@@ -168,74 +157,29 @@ def _given_spec(args) -> Optional[list]:
 
 
 class RaptrLoop:
-    """The per-step RaPTr work inside Megatron-LM's train_step and evaluate."""
+    """The method's per-step work (megatron_raptr/runtime.py) around Megatron-LM's train_step and
+    evaluate; the runtime is built at the first step, from the model and optimizer Megatron-LM built."""
 
     def __init__(self, args, schedule, hooks: Sequence[StageHook]):
         self.args, self.schedule, self.hooks = args, schedule, list(hooks)
-        self.sampler = None  # needs the model's pipeline layout: built at the first step
-        self.set_path = None
-        self.flops = None
-        self.stage = None
-        self.cumulative_flops = 0.0
+        self.runtime: Optional[StepRuntime] = None
         self.iteration = None  # completed steps, for evaluation records
         self.last_eval_iteration = None
-        self.started = None
-        self.metrics = None
-
-    def _bind(self, model, optimizer, config) -> None:
-        """Once, at the first step: the model Megatron-LM built, its optimizer and config."""
-        args = self.args
-        self.sampler = PathSampler(self.schedule, args.seed, pipeline_layout(config))
-        self.set_path = PathSetter(model)
-        install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler,
-                               args.raptr_catch_up_weight_decay)
-        tokens = args.global_batch_size * args.seq_length
-        self.flops = functools.partial(step_flops, config, args.padded_vocab_size, args.seq_length, tokens)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        self.metrics = MetricsWriter(args.metrics_file, None, enabled=rank == world - 1)
-        if rank == world - 1:
-            fraction = schedule_flops_fraction(self.schedule, args.train_iters, config, args.padded_vocab_size,
-                                               args.seq_length)
-            print(f"{self.schedule.describe(args.train_iters)}\n"
-                  f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}", flush=True)
-        self.started = time.perf_counter()
 
     def train_step(self, original, *args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
-        model, optimizer, config = (bound.arguments[name] for name in ("model", "optimizer", "config"))
         iteration = bound.arguments["iteration"]
-        if self.sampler is None:
-            self._bind(model, optimizer, config)
-            # A resumed run's FLOPs so far: the path of every step is known from its iteration.
-            self.cumulative_flops = sum(self.flops(self.sampler.path(t).active) for t in range(iteration))
-        path = self.sampler.path(iteration)
-        if path.stage != self.stage:
-            self.stage = path.stage
-            for hook in self.hooks:
-                hook.on_stage_start(self.schedule, path.stage, iteration)
-        if self.args.raptr_verify_sync and iteration % self.args.raptr_verify_sync == 0:
-            verify_path_sync(path, current_device())
-        self.set_path(path)
-        lr_scale = math.prod(hook.lr_scale(self.schedule, iteration) for hook in self.hooks)
-        for group in optimizer.param_groups:
-            group["lr"] *= lr_scale  # the scheduler sets it afresh after the step
-        lr = optimizer.param_groups[0]["lr"]
-
+        if self.runtime is None:
+            model, optimizer, config = (bound.arguments[name] for name in ("model", "optimizer", "config"))
+            self.runtime = StepRuntime(self.args, self.schedule, config, model, optimizer, self.hooks,
+                                       keep_moe_metrics=True)
+            self.runtime.resume(iteration)  # the FLOPs of a resumed run's earlier steps, from their paths
+            log(self.runtime.plan(self.args.train_iters))
+        self.runtime.start(iteration)
         result = original(*args, **kwargs)
-
         loss_dict, grad_norm = result[0], result[5]
-        flops = self.flops(path.active)
-        self.cumulative_flops += flops
+        self.runtime.finish(loss_dict, grad_norm, get_num_microbatches())
         self.iteration = iteration + 1
-        loss = loss_dict.get("lm loss")
-        aux_losses = step_aux_losses(config, path.active, get_num_microbatches(), keep=True)
-        self.metrics.train(dict(
-            iteration=iteration + 1, stage=path.stage, path_length=len(path.active),
-            active_layers=list(path.active), lm_loss=None if loss is None else float(loss), lr=lr,
-            grad_norm=None if grad_norm is None else float(grad_norm),
-            tokens=self.args.global_batch_size * self.args.seq_length, step_flops=flops,
-            cumulative_flops=self.cumulative_flops, **aux_losses, elapsed_s=time.perf_counter() - self.started,
-        ))
         return result
 
     def evaluate(self, original, *args, **kwargs):
@@ -243,9 +187,9 @@ class RaptrLoop:
         loss = result[0].get("lm loss") if result[0] else None
         iteration = self.iteration if self.iteration is not None else self.args.iteration
         # Megatron-LM evaluates again after training; one record per iteration.
-        if loss is not None and self.metrics is not None and iteration != self.last_eval_iteration:
+        if loss is not None and self.runtime is not None and iteration != self.last_eval_iteration:
             self.last_eval_iteration = iteration
-            self.metrics.eval(dict(iteration=iteration, val_loss=float(loss), val_ppl=perplexity(float(loss))))
+            self.runtime.record_evaluation(iteration, float(loss))
         return result
 
 

@@ -76,7 +76,7 @@ def _join(argv, save_dir):
         trainer.save(state)
         parallel_state.destroy_model_parallel()
         trainer, state, iterator = start(state)
-    assert trainer.sampler.path(state.iteration).active == (1, 2, 3, 4)
+    assert trainer.runtime.sampler.path(state.iteration).active == (1, 2, 3, 4)
     records = _probe_join_step(trainer)
     trainer.train_step(state, iterator)
     parallel_state.destroy_model_parallel()

@@ -36,8 +36,9 @@ def layer_state(trainer, layer):
 
 
 def grow_at(trainer, iteration):
-    for hook in trainer.hooks:
-        hook.on_stage_start(trainer.schedule, trainer.schedule.stage_index(iteration), iteration)
+    runtime = trainer.runtime
+    for hook in runtime.hooks:
+        hook.on_stage_start(runtime.schedule, runtime.schedule.stage_index(iteration), iteration)
 
 
 @pytest.mark.parametrize("extra", [[], ["--bf16", "--stacking-optimizer-state", "copy"],
@@ -78,7 +79,7 @@ def test_growth_copies_the_top_layers_at_the_boundary_only(extra):
 def test_stacking_evaluates_the_layers_that_exist():
     args, trainer, train, valid = build(*STACKING)
     trainer.train_step(TrainState(), data.build_data_iterator(train, args.micro_batch_size, 0, 1, 0))
-    assert trainer.evaluated_layers() == [1, 2]
+    assert trainer.runtime.evaluated_layers() == [1, 2]
     weights = {name: value for name, value in unwrap_model(trainer.model)[0].state_dict().items()}
     dense = plain_gpt(trainer, args, 2).eval()
     dense.load_state_dict(active_layers_state_dict(weights, [1, 2]))

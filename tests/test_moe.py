@@ -162,7 +162,7 @@ def _train_from_one_start(argvs):
         _load_full_state(module, full)
         train, valid = trainer.family.build_datasets(args, tokenizer)
         trainer.train(TrainState(), train, {None: valid}, None)
-        trainer.metrics.close()
+        trainer.runtime.metrics.close()
         parallel_state.destroy_model_parallel()
 
 

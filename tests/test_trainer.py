@@ -89,7 +89,7 @@ def test_training_step_runs_exactly_the_reported_path():
 def test_training_step_scales_the_kept_layers_and_validation_runs_the_full_model_unscaled():
     args, trainer, train, valid = build("--raptr-schedule", "3@0", "--raptr-sampling", "fixed-size",
                                         "--raptr-scaling", "inverse-keep")
-    path = trainer.sampler.path(0)
+    path = trainer.runtime.sampler.path(0)
     assert sorted(set(path.scales.values())) == [1.0, 2.0]  # one of the two free layers, kept with p = 1/2
     before = weights(trainer)
     record = trainer.train_step(TrainState(), data.build_data_iterator(train, args.micro_batch_size, 0, 1, 0))

@@ -75,7 +75,7 @@ def measure(layers: int, path: int, hidden: int, seq: int, micro_batch: int, mic
     loads = {mode: [] for mode in runs}
     for step in range(steps + 2):
         for mode, (trainer, iterator) in runs.items():
-            active = trainer.apply_path(step).active
+            active = trainer.runtime.start(step).active
             for chunk in trainer.model:
                 chunk.zero_grad_buffer()
             dist.barrier()

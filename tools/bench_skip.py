@@ -97,7 +97,7 @@ def run(bench):
     peak_bytes, step_bytes = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0)
     for step in range(bench.steps + 2):
         for name, (trainer, iterator) in runs.items():
-            trainer.apply_path(step)
+            trainer.runtime.start(step)
             kwargs = trainer.schedule_kwargs(iterator, forward_only=False)
             for chunk in trainer.model:
                 chunk.zero_grad_buffer()
@@ -121,7 +121,7 @@ def run(bench):
               "micro_batch_size": bench.micro_batch_size, "steps": bench.steps, "peak_tflops": peak}
     for name, (trainer, _) in runs.items():
         # Model FLOPs of the active layers: the same for both models by construction.
-        flops = trainer.flops(bench.path)
+        flops = trainer.runtime.flops(bench.path)
         step_s = statistics.median(times[name]["step"])
         tflops = flops / step_s / 1e12
         result[name] = {

@@ -6,7 +6,6 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,20 +13,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_raptr.flops import schedule_flops_fraction, step_flops
-from megatron_raptr.moe import step_aux_losses
 from megatron_raptr.hooks import StageHook, default_hooks
-from megatron_raptr.layer import PathSetter
-from megatron_raptr.layout import pipeline_layout
-from megatron_raptr.methods import build_sampler, method_hooks
-from megatron_raptr.optimizer_step import install_optimizer_step
+from megatron_raptr.runtime import StepRuntime
 from megatron_raptr.sampler import Path
-from megatron_raptr.sync import verify_path_sync
 from megatron_raptr.training import checkpointing, data
 from megatron_raptr.training.arguments import parse_args
 from megatron_raptr.training.family import model_family
 from megatron_raptr.training.initialize import current_device, initialize_distributed, megatron_fallbacks
-from megatron_raptr.training.metrics import MetricsWriter, perplexity
+from megatron_raptr.training.metrics import log, perplexity
 from megatron_raptr.training.model import build_model, build_optimizer, transformer_config
 from megatron_raptr.training.signals import ExitSignalHandler
 
@@ -46,12 +39,6 @@ class TrainingStopped(RuntimeError):
     """Raised on every rank together, with the same message: the run cannot go on."""
 
 
-def log(message: str) -> None:
-    """Prints on the last rank, which holds the losses (as Megatron-LM's print_rank_last)."""
-    if dist.get_rank() == dist.get_world_size() - 1:
-        print(message, flush=True)
-
-
 def _mean_losses(losses: Sequence[dict]) -> Optional[Dict[str, float]]:
     """Each reported loss ("lm loss", BERT's "sop loss") averaged over microbatches and data-parallel
     ranks; None off the last pipeline stage."""
@@ -67,22 +54,11 @@ class Trainer:
     def __init__(self, args, config, model, optimizer, scheduler, hooks: List[StageHook]):
         self.args, self.config, self.model = args, config, model
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.schedule = args.raptr  # the run's schedule, whatever the method
-        layout = pipeline_layout(config)
-        self.sampler = build_sampler(self.schedule, args.seed, layout)
-        self.missed_steps = install_optimizer_step(optimizer, model, args.raptr_skip_optimizer_step, self.sampler,
-                                                   args.raptr_catch_up_weight_decay)
-        self.hooks = method_hooks(self.schedule, model, optimizer, layout) + hooks
         self.family = model_family(args)
-        self.set_path = PathSetter(model)
-        self.path: Optional[Path] = None  # the path applied last
+        # args.raptr: the run's schedule, whatever the method
+        self.runtime = StepRuntime(args, args.raptr, config, model, optimizer, hooks,
+                                   self.family.head_flops_per_token(args, config), args.tensorboard_dir)
         self.forward_backward = get_forward_backward_func()
-        self.tokens_per_step = args.global_batch_size * args.seq_length
-        self.head_flops_per_token = self.family.head_flops_per_token(args, config)
-        self.flops = partial(step_flops, config, args.padded_vocab_size, args.seq_length, self.tokens_per_step,
-                             head_flops_per_token=self.head_flops_per_token)
-        self.metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir,
-                                     enabled=dist.get_rank() == dist.get_world_size() - 1)
 
     def schedule_kwargs(self, data_iterator, forward_only: bool) -> dict:
         return dict(
@@ -91,57 +67,25 @@ class Trainer:
             micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
         )
 
-    def apply_path(self, iteration: int) -> Path:
-        """Gates the model for the step at ``iteration``."""
-        path = self.sampler.path(iteration)
-        if self.args.raptr_verify_sync and iteration % self.args.raptr_verify_sync == 0:
-            verify_path_sync(path, current_device())
-        self.set_path(path)
-        self.path = path
-        return path
-
-    def evaluated_layers(self) -> List[int]:
-        """Layers evaluation runs: all, unless the path applied last gates evaluation too."""
-        if self.path is not None and self.path.gates_eval:
-            return list(self.path.active)
-        return list(range(1, self.args.num_layers + 1))
-
     def evaluated_model(self) -> str:
         """What evaluation runs, for the log."""
-        layers = self.evaluated_layers()
+        layers = self.runtime.evaluated_layers()
         return "full model" if len(layers) == self.args.num_layers else f"layers {layers[0]}-{layers[-1]}"
 
     def train_step(self, state: TrainState, data_iterator) -> dict:
-        t = state.iteration
-        path = self.apply_path(t)
+        path = self.runtime.start(state.iteration)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.forward_backward(**self.schedule_kwargs(data_iterator, forward_only=False))
         if self.args.check_for_nan_in_loss_and_grad:
             self._check_finite(losses, path)
-        lr_scale = 1.0
-        for hook in self.hooks:
-            lr_scale *= hook.lr_scale(self.schedule, t)
-        for group in self.optimizer.param_groups:
-            group["lr"] *= lr_scale  # the scheduler sets it afresh every step
-        lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        flops = self.flops(path.active)
+        record = self.runtime.finish(_mean_losses(losses) or {}, grad_norm, self.args.num_microbatches)
         state.iteration += 1
         state.consumed_samples += self.args.global_batch_size
-        state.cumulative_flops += flops
-        means = _mean_losses(losses) or {}
-        record = dict(
-            iteration=state.iteration, method=self.args.method, stage=path.stage, path_length=len(path.active),
-            active_layers=list(path.active), lm_loss=means.get("lm loss"), lr=lr,
-            grad_norm=None if grad_norm is None else float(grad_norm), tokens=self.tokens_per_step,
-            step_flops=flops, cumulative_flops=state.cumulative_flops,
-        )
-        if "sop loss" in means:
-            record["sop_loss"] = means["sop loss"]
-        record.update(step_aux_losses(self.config, path.active, self.args.num_microbatches))
+        state.cumulative_flops, state.elapsed_s = record["cumulative_flops"], record["elapsed_s"]
         return record
 
     def _check_finite(self, losses: Sequence[dict], path: Path) -> None:
@@ -219,21 +163,12 @@ class Trainer:
         )
         for chunk in self.model:
             chunk.train()
-        started = time.perf_counter() - state.elapsed_s
+        self.runtime.resume(state.iteration, state.cumulative_flops, state.elapsed_s)
         interval_start, interval_steps = time.perf_counter(), 0
-        stage = None
         val_loss = None
         while state.iteration < args.train_iters:
-            new_stage = self.schedule.stage_index(state.iteration)
-            if new_stage != stage:
-                stage = new_stage
-                for hook in self.hooks:
-                    hook.on_stage_start(self.schedule, stage, state.iteration)
-                log(f"entering stage {stage} at iteration {state.iteration}: {self.schedule.stage_summary(stage)}")
             record = self.train_step(state, data_iterator)
             checkpointing.finalize_saves(blocking=False)  # commit a background save as soon as it is written
-            state.elapsed_s = record["elapsed_s"] = time.perf_counter() - started
-            self.metrics.train(record)
             interval_steps += 1
             if state.iteration % args.log_interval == 0:
                 self._log_progress(record, (time.perf_counter() - interval_start) / interval_steps)
@@ -250,7 +185,7 @@ class Trainer:
                 log(f" exiting at iteration {state.iteration} ({reason})")
                 break
         checkpointing.finalize_saves()  # before the process exits
-        self.metrics.close()
+        self.runtime.metrics.close()
         return val_loss
 
     def evaluate_and_report(self, state: TrainState, valid_sets: dict) -> Optional[float]:
@@ -262,9 +197,7 @@ class Trainer:
             loss = self.evaluate(dataset)
             losses.append(loss)
             if loss is not None:
-                record = dict(iteration=state.iteration, method=self.args.method, val_loss=loss,
-                              val_ppl=perplexity(loss), evaluated_layers=self.evaluated_layers())
-                self.metrics.eval(record if name is None else dict(record, valid_set=name))
+                self.runtime.record_evaluation(state.iteration, loss, name)
                 log(f" validation ({self.evaluated_model()}){'' if name is None else ' on ' + name} at iteration "
                     f"{state.iteration} | lm loss: {loss:.6E} | lm loss PPL: {perplexity(loss):.6E}")
         return losses[0] if losses else None
@@ -274,7 +207,7 @@ class Trainer:
             checkpointing.save_checkpoint(
                 self.args.save, state.iteration, self.model, self.optimizer, self.scheduler,
                 dict(asdict(state), method_flags=self.args.method_flags, seed=self.args.seed,
-                     adam_missed_steps=self.missed_steps.state_dict()),
+                     adam_missed_steps=self.runtime.missed_steps.state_dict()),
                 async_save=self.args.async_save, fully_parallel=self.args.ckpt_fully_parallel_save,
                 optim_fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable,
             )
@@ -293,7 +226,7 @@ class Trainer:
             f" elapsed time per iteration (ms): {seconds_per_step * 1000:.1f} |"
             f" learning rate: {record['lr']:.6E} | lm loss: {loss} | grad norm: {grad_norm} |"
             f" stage: {record['stage']} | path length: {record['path_length']}/{args.num_layers} |"
-            f" tokens/s: {self.tokens_per_step / seconds_per_step:.0f} |"
+            f" tokens/s: {self.runtime.tokens_per_step / seconds_per_step:.0f} |"
             f" TFLOP/s/rank (active layers): {tflops:.3f} | ETA: {_duration(eta)}"
         )
 
@@ -348,7 +281,7 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
         if saved is not None:
             state = TrainState(**{key: saved[key] for key in asdict(state)})
             if "adam_missed_steps" in saved:  # else replayed from this run's paths
-                trainer.missed_steps.load_state_dict(saved["adam_missed_steps"])
+                trainer.runtime.missed_steps.load_state_dict(saved["adam_missed_steps"])
             log(f" loaded checkpoint from {args.load} at iteration {state.iteration}")
             if saved.get("method_flags") != args.method_flags:  # e.g. a RaPTr or stacking run finished in full
                 log(f" note: the checkpoint was trained with {saved.get('method_flags') or 'the full model'}, "
@@ -360,14 +293,11 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
         valid_sets = {None: valid_dataset}
     if args.skip_train:
         val_loss = trainer.evaluate_and_report(state, valid_sets)
-        trainer.metrics.close()
+        trainer.runtime.metrics.close()
         return val_loss
-    log(args.raptr.describe(args.train_iters))
-    fraction = schedule_flops_fraction(args.raptr, args.train_iters, trainer.config, args.padded_vocab_size,
-                                       args.seq_length, trainer.head_flops_per_token)
-    log(f"  expected model FLOPs vs full training (output layer included): {fraction:.3f}")
+    log(trainer.runtime.plan(args.train_iters))
     val_loss = trainer.train(state, train_dataset, valid_sets, exit_signal)
-    full = args.train_iters * trainer.flops(args.num_layers)
+    full = args.train_iters * trainer.runtime.flops(args.num_layers)
     log(f"final validation loss ({trainer.evaluated_model()}): {'n/a' if val_loss is None else f'{val_loss:.4f}'} | "
         f"FLOPs spent vs full training: {state.cumulative_flops / full:.3f}")
     return val_loss

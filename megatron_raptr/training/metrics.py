@@ -5,6 +5,8 @@ import math
 import os
 from typing import Optional
 
+import torch.distributed as dist
+
 
 class MetricsWriter:
     """Writes records on one rank; every record is a flushed JSON line.
@@ -53,6 +55,17 @@ class MetricsWriter:
             self._file.close()
         if self._tensorboard:
             self._tensorboard.close()
+
+
+def is_last_rank() -> bool:
+    """The rank that holds the losses (the last pipeline stage's last), which reports them."""
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def log(message: str) -> None:
+    """Prints on the last rank (as Megatron-LM's print_rank_last)."""
+    if is_last_rank():
+        print(message, flush=True)
 
 
 def perplexity(loss: float) -> float:
