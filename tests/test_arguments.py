@@ -24,10 +24,17 @@ def test_derived_defaults():
     assert not parse_args(BASE + ["--overlap-grad-reduce"], world_size=1).overlap_grad_reduce  # no DP to overlap
 
 
+def test_wsd_decay_style_defaults_to_megatron_lms_and_the_decay_may_fill_the_span_after_warmup():
+    wsd = BASE + ["--lr-decay-style", "WSD", "--lr-warmup-iters", "2", "--lr-wsd-decay-iters", "8"]
+    args = parse_args(wsd)
+    assert (args.lr_wsd_decay_style, args.lr_wsd_decay_iters) == ("exponential", 8)
+    assert parse_args(wsd + ["--lr-wsd-decay-style", "minus_sqrt"]).lr_wsd_decay_style == "minus_sqrt"
+
+
 POSITIVE = ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--micro-batch-size",
             "--train-iters", "--log-interval", "--eval-interval", "--make-vocab-size-divisible-by",
             "--ffn-hidden-size", "--max-position-embeddings", "--global-batch-size", "--lr-decay-iters",
-            "--save-interval", "--exit-interval"]
+            "--save-interval", "--exit-interval", "--lr-wsd-decay-iters"]
 NOT_NEGATIVE = ["--raptr-verify-sync", "--raptr-stage-warmup-iters", "--eval-iters", "--lr-warmup-iters", "--num-workers"]
 
 
@@ -79,6 +86,16 @@ def test_each_method_flag_chooses_its_method_with_defaults():
     (["--hidden-size", "66"], 1, "--hidden-size 66 is not divisible by --num-attention-heads 4"),
     (["--max-position-embeddings", "16"], 1, "--max-position-embeddings 16 is shorter than --seq-length 32"),
     (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be less than --lr-decay-iters 10"),
+    (["--lr-decay-style", "WSD"], 1, "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+    (["--lr-wsd-decay-iters", "3"], 1, "--lr-wsd-decay-iters needs --lr-decay-style WSD"),
+    (["--lr-decay-style", "cosine", "--lr-wsd-decay-style", "linear"], 1,
+     "--lr-wsd-decay-style needs --lr-decay-style WSD"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "11"], 1,
+     "--lr-wsd-decay-iters 11 exceeds the 10 iterations between --lr-warmup-iters 0 and --lr-decay-iters 10"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "5", "--lr-warmup-iters", "2", "--lr-decay-iters", "6"], 1,
+     "--lr-wsd-decay-iters 5 exceeds the 4 iterations between --lr-warmup-iters 2 and --lr-decay-iters 6"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "3", "--lr-wsd-decay-style", "step"], 1,
+     "argument --lr-wsd-decay-style: invalid choice: 'step'"),
     (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--raptr-schedule", "2@0,3@20"], 1, "--raptr-schedule"),

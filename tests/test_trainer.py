@@ -2,6 +2,7 @@
 from the same weights and batches (one process)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -159,3 +160,30 @@ def test_causal_attention_needs_no_mask_from_the_data():
         assert model_loss(model, batch) == model_loss(model, dict(batch, attention_mask=causal))
         leaky = torch.zeros_like(causal)  # no mask at all: the loss changes, so the comparison means something
         assert model_loss(model, batch) != model_loss(model, dict(batch, attention_mask=leaky))
+
+
+def wsd_lr(step, lr, min_lr, warmup, decay_iters, wsd_iters, style):
+    """WSD written out: warmup from 0 to lr, stable at lr, then the last wsd_iters steps of
+    decay_iters fall to min_lr along `style`; min_lr after."""
+    if step < warmup:
+        return lr * step / warmup
+    stable_until = decay_iters - wsd_iters
+    if step <= stable_until:
+        return lr
+    x = min(1.0, (step - stable_until) / wsd_iters)  # how far along the decay
+    left = {"linear": 1 - x, "cosine": (1 + math.cos(math.pi * x)) / 2, "exponential": 2 * 0.5 ** x - 1,
+            "minus_sqrt": 1 - math.sqrt(x)}[style]
+    return min_lr + (lr - min_lr) * left
+
+
+@pytest.mark.parametrize("style, method", [("exponential", []), ("linear", []), ("cosine", []),
+                                           ("minus_sqrt", ["--raptr-schedule", "2@0,4@0.5"])])
+def test_records_show_the_wsd_learning_rate(style, method):
+    """Ten steps: 2 of warmup, 2 stable, the 4 decaying ones that end --lr-decay-iters 8, then --min-lr."""
+    args, trainer, train, _ = build(
+        "--train-iters", "10", "--lr-decay-style", "WSD", "--lr-wsd-decay-style", style, "--lr-wsd-decay-iters", "4",
+        "--lr-warmup-iters", "2", "--lr-decay-iters", "8", "--min-lr", "1e-4", *method)
+    state, iterator = TrainState(), data.build_data_iterator(train, args.micro_batch_size, 0, 1, 0)
+    lrs = [trainer.train_step(state, iterator)["lr"] for _ in range(args.train_iters)]
+    assert lrs == pytest.approx([wsd_lr(step, 1e-3, 1e-4, 2, 8, 4, style) for step in range(10)], rel=1e-12, abs=0)
+    assert lrs[2:5] == [1e-3] * 3 and lrs[8:] == pytest.approx([1e-4] * 2)

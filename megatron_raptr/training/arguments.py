@@ -21,6 +21,8 @@ from megatron_raptr.unsupported import add_refused_args, check_refused
 
 # DeepSpeed's progressive layer drop defaults (Zhang and He's setting).
 PLD_THETA, PLD_GAMMA = 0.5, 0.001
+# Megatron-Core's OptimizerParamScheduler's WSD decay styles, Megatron-LM's default first.
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 # The flags that choose a method; a run trains with one.
 MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 METHOD_FLAGS = (("raptr", "raptr_schedule"), ("stacking", "stacking_schedule"), ("pld", "pld_theta"),
@@ -123,10 +125,15 @@ def _add_training_args(parser):
     group.add_argument("--fp16", action="store_true")
     group.add_argument("--lr", type=float, required=True)
     group.add_argument("--min-lr", type=float, default=0.0)
-    group.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"],
-                       default="linear")
+    group.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                       default="linear", help="WSD: warmup, then --lr until the last --lr-wsd-decay-iters "
+                                              "iterations of --lr-decay-iters, which decay to --min-lr")
     group.add_argument("--lr-warmup-iters", type=int, default=0)
     group.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    # Default None so that giving them without --lr-decay-style WSD is detected.
+    group.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default=None,
+                       help=f"WSD's decay to --min-lr (default: {WSD_DECAY_STYLES[0]}, as Megatron-LM)")
+    group.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD's decay phase, in iterations")
     group.add_argument("--weight-decay", type=float, default=0.01)
     group.add_argument("--clip-grad", type=float, default=1.0)
     group.add_argument("--adam-beta1", type=float, default=0.9)
@@ -283,7 +290,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                  "train_iters", "log_interval", "eval_interval", "make_vocab_size_divisible_by",
                  "ffn_hidden_size", "max_position_embeddings", "global_batch_size", "lr_decay_iters",
-                 "save_interval", "exit_interval", "ddp_bucket_size"):
+                 "save_interval", "exit_interval", "ddp_bucket_size", "lr_wsd_decay_iters"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: not given, defaulted below
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.hidden_size % args.num_attention_heads:
@@ -321,6 +328,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be less than --lr-decay-iters "
                          f"{args.lr_decay_iters} (default: --train-iters)")
+    _validate_wsd_args(args)
     for flag in ("save_interval", "exit_signal_handler", "async_save", "dist_ckpt_optim_fully_reshardable"):
         if getattr(args, flag) and args.save is None:
             raise ValueError(f"--{flag.replace('_', '-')} needs --save")
@@ -396,6 +404,24 @@ def _validate_moe_args(args: argparse.Namespace) -> None:
                          "MoE layers refuse to train without it)")
     if args.moe_grouped_gemm and not HAVE_TE:
         raise ValueError("--moe-grouped-gemm needs Transformer Engine (Megatron's local experts run one by one)")
+
+
+def _validate_wsd_args(args: argparse.Namespace) -> None:
+    """WSD's decay phase: the last --lr-wsd-decay-iters of --lr-decay-iters, after the warmup."""
+    if args.lr_decay_style != "WSD":
+        given = [flag for flag in ("lr_wsd_decay_style", "lr_wsd_decay_iters") if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"{_flag(given[0])} needs --lr-decay-style WSD")
+        return
+    if args.lr_wsd_decay_iters is None:  # Megatron's scheduler asserts it
+        raise ValueError("--lr-decay-style WSD needs --lr-wsd-decay-iters (the decay phase's length)")
+    args.lr_wsd_decay_style = args.lr_wsd_decay_style or WSD_DECAY_STYLES[0]
+    # Megatron's scheduler would start the decay inside the warmup: the LR would jump down after it.
+    decay_span = args.lr_decay_iters - args.lr_warmup_iters
+    if args.lr_wsd_decay_iters > decay_span:
+        raise ValueError(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} exceeds the {decay_span} iterations "
+                         f"between --lr-warmup-iters {args.lr_warmup_iters} and --lr-decay-iters "
+                         f"{args.lr_decay_iters} (default: --train-iters)")
 
 
 def default_num_workers() -> int:

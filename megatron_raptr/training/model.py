@@ -214,6 +214,8 @@ def build_optimizer(
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
+        wsd_decay_steps=args.lr_wsd_decay_iters,  # iterations, as the steps above (Megatron-LM: samples)
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
     # Megatron's schedules drive gradient sync through these hooks.
     config.no_sync_func = model[0].no_sync
