@@ -36,7 +36,11 @@ from typing import Iterable, Optional
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_raptr import megatron_internals as internals
+
 TAKES_PARAM_LAYOUT = "full_param_layout" in inspect.signature(DistributedDataParallel.__init__).parameters
+if TAKES_PARAM_LAYOUT:
+    internals.check(internals.PARAM_LAYOUT)
 
 
 class RaptrDistributedDataParallel(DistributedDataParallel):
@@ -164,11 +168,6 @@ def per_layer_param_layout(module, ddp_config):
     128, so shifting a part by the parts before it keeps its alignment) or plain DDP's
     (no padding)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed.param_and_grad_buffer import (
-        _compute_default_per_buffer_param_layout,
-        group_params_for_buffers,
-    )
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.param_layout import FullParamLayout, PerBufferParamLayout
 
     # A layer larger than an explicit --ddp-bucket-size is split into buckets of about that size.
@@ -184,14 +183,14 @@ def per_layer_param_layout(module, ddp_config):
 
     def part_layout(params, dp_size):
         if dp_size is None:
-            return _compute_default_per_buffer_param_layout(params, bucket_size)
-        return DistributedOptimizer._compute_per_buffer_param_layout(params, bucket_size, dp_size, ddp_config)
+            return internals.compute_default_per_buffer_param_layout(params, bucket_size)
+        return internals.compute_per_buffer_param_layout(params, bucket_size, dp_size, ddp_config)
 
     owner = {param: layer for layer in module.modules() if isinstance(layer, TransformerLayer)
              for param in layer.parameters()}
     params = [param for param in module.parameters() if param.requires_grad]
     layouts = {}
-    for key, (buffer_params, param_indices) in group_params_for_buffers(
+    for key, (buffer_params, param_indices) in internals.group_params_for_buffers(
             params, ddp_config.grad_reduce_in_fp32).items():
         dp_size = shards(key)
         layout = PerBufferParamLayout(param_indices=param_indices, num_optimizer_shards=dp_size)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.hooks import StageHook
 from megatron_raptr.layer import ModelChunks, raptr_layers
 from megatron_raptr.stacking import StackingSchedule
@@ -99,8 +100,8 @@ def _slots(optimizer: MegatronOptimizer, param: torch.nn.Parameter):
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(sub, DistributedOptimizer):
             if param in sub.model_param_gbuf_map:
-                shard = sub._get_model_param_range_map(param)["param"]
-                tensors = sub._get_main_param_and_optimizer_states(param)
+                shard = internals.get_model_param_range_map(sub, param)["param"]
+                tensors = internals.get_main_param_and_optimizer_states(sub, param)
                 return shard.start, shard.end, _without_step(tensors), sub.data_parallel_group
             if any(param in buffer.param_index_map for buffer in sub.buffers):
                 return 0, 0, {}, sub.data_parallel_group  # all of it on other data-parallel ranks

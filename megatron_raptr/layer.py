@@ -16,7 +16,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.bert import bert_layer_specs
 from megatron.core.models.gpt import gpt_layer_specs
-from megatron.core.transformer import TransformerConfig, transformer_block
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.compat.torch_norm import SequenceParallelTorchNorm
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.sampler import Path
@@ -143,7 +144,7 @@ def raptr_decoder_spec(spec, config: TransformerConfig, vp_stage: Optional[int] 
         return gated if isinstance(spec, TransformerBlockSubmodules) else dataclasses.replace(spec, submodules=gated)
     layer = raptr_layer_spec(_sequence_parallel_norms(spec))
     # Undocumented Megatron-Core name: the final norm TransformerBlock gives a layer spec's block.
-    if config.sequence_parallel and transformer_block.LayerNormImpl is WrappedTorchNorm:
+    if config.sequence_parallel and internals.layer_norm_impl.get() is WrappedTorchNorm:
         return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                           layer_norm=SequenceParallelTorchNorm)
     return layer

@@ -49,6 +49,7 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import check_gateable, raptr_decoder_spec
@@ -88,11 +89,10 @@ def gpt_layer_spec(model_config, vp_stage: Optional[int] = None):
     `--spec`, that one, which setup() kept as `args.raptr_base_spec`.
     """
     from megatron.training import get_args
-    from megatron.training.models.gpt import default_layer_spec  # undocumented (written against 0.19.2)
 
     base = get_args().raptr_base_spec
     if base is None:
-        spec, selected_by = default_layer_spec(model_config, vp_stage), "Megatron-LM's default layer spec"
+        spec, selected_by = internals.default_layer_spec(model_config, vp_stage), "Megatron-LM's default layer spec"
     else:
         spec, selected_by = _call_spec(import_module(base), model_config, vp_stage), f"--spec {' '.join(base)}"
     return raptr_decoder_spec(spec, model_config.transformer, vp_stage, selected_by)
@@ -205,14 +205,12 @@ _originals = {}
 
 def _install(loop: RaptrLoop) -> None:
     """The one place that changes Megatron-LM: see the module docstring for why each name."""
-    from megatron.core.datasets import utils as dataset_utils
-    from megatron.training import training
-    from megatron.training.models import dist_utils
-
+    internals.check(internals.MEGATRON_LM)
     if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
-        dataset_utils.compile_helpers = lambda: None
+        internals.compile_helpers.replace(lambda: None)
     ddp_class = RaptrDistributedDataParallel if loop.args.raptr_skip_grad_comm else _RaptrDDPReducingEveryBucket
-    training.DDP = dist_utils.DistributedDataParallel = ddp_class
-    for name in ("train_step", "evaluate"):
-        original = _originals.setdefault(name, getattr(training, name))
-        setattr(training, name, functools.wraps(original)(functools.partial(getattr(loop, name), original)))
+    internals.training_ddp.replace(ddp_class)
+    internals.model_builder_ddp.replace(ddp_class)
+    for internal in (internals.train_step, internals.evaluate):
+        original = _originals.setdefault(internal.name, internal.get())
+        internal.replace(functools.wraps(original)(functools.partial(getattr(loop, internal.attribute), original)))

@@ -11,15 +11,14 @@ from typing import Dict, List, Sequence
 
 from megatron.core.transformer import TransformerConfig
 
+from megatron_raptr import megatron_internals as internals
+
 
 def moe_layer_pattern(config: TransformerConfig) -> List[int]:
     """Per layer, 1 for an MoE layer and 0 for a dense one, as Megatron-Core reads --moe-layer-freq."""
     if config.num_moe_experts is None:
         return [0] * config.num_layers
-    # megatron-core 0.19.2 (where MoE is tested); imported only for MoE models
-    from megatron.core.models.gpt.experimental_attention_variant_module_specs import get_moe_layer_pattern
-
-    return list(get_moe_layer_pattern(config))
+    return list(internals.get_moe_layer_pattern(config))
 
 
 def aux_loss_names(config: TransformerConfig) -> List[str]:
@@ -39,16 +38,15 @@ def step_aux_losses(config: TransformerConfig, active: Sequence[int], num_microb
     step). Call on every rank, after the step's forward and backward."""
     if config.num_moe_experts is None:  # a dense model (and megatron-core 0.16, which has no tracker)
         return {}
-    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker, get_moe_metrics_tracker
-
+    internals.check(internals.MOE_TRACKER)
     on_path = set(active)
     ran = [int(moe and layer in on_path) for layer, moe in enumerate(moe_layer_pattern(config), start=1)]
     names = aux_loss_names(config)
     if not any(ran) or not names:  # nothing recorded, on any rank (all know the path)
         return {}
-    tracker = get_moe_metrics_tracker()
+    tracker = internals.get_moe_metrics_tracker()
     if keep:  # report a copy: reporting reduces the values in place and then zeroes them
-        tracker, recorded = MoEMetricsTracker(), tracker.metrics
+        tracker, recorded = internals.moe_metrics_tracker(), tracker.metrics
         tracker.metrics.update({name: dataclasses.replace(entry, values=entry.values.clone())
                                 for name, entry in recorded.items()})
     totals = {}

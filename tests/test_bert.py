@@ -16,6 +16,7 @@ from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer import TransformerConfig
 from torch.utils.flop_counter import FlopCounterMode
 
+from megatron_raptr import megatron_internals
 from megatron_raptr import PathSetter, get_bert_raptr_layer_spec
 from megatron_raptr.flops import bert_head_forward_flops_per_token, step_flops
 from megatron_raptr.sampler import Path
@@ -169,7 +170,7 @@ def test_command_line_trains_bert_paths_and_evaluates_the_full_model(tmp_path):
      "--sequence-parallel with --model bert needs Apex"),
 ])
 def test_bad_bert_arguments_name_the_flag(extra, world_size, message, capsys):
-    if "--sequence-parallel" in extra and bert.bert_lm_head.LNImpl is not bert.WrappedTorchNorm:
+    if "--sequence-parallel" in extra and megatron_internals.bert_lm_head_norm_impl.get() is not bert.WrappedTorchNorm:
         pytest.skip("Apex is installed: Megatron's BERT head supports sequence parallelism")
     base = [arg for arg in MODEL if arg not in ("--model", "bert")]
     with pytest.raises(SystemExit) as exit_info:

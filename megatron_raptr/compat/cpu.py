@@ -15,8 +15,9 @@ moves tensors with `.cuda()` and checks `tensor.type() == 'torch.cuda.FloatTenso
   CUDA ones (`.type()` names, `.cuda()`);
 * the RNG tracker and activation recompute keep CPU generator states.
 
-Each patch is looked up defensively, so a symbol renamed in a later Megatron-Core
-release is skipped rather than breaking the import; the tests show what still runs.
+The private or undocumented names patched are reached through megatron_raptr.megatron_internals,
+which install() checks first (its CPU group); the public ones are looked up defensively, so a
+symbol renamed in a later Megatron-Core release is skipped; the tests show what still runs.
 """
 import contextlib
 import functools
@@ -25,6 +26,8 @@ import os
 import types
 
 import torch
+
+from megatron_raptr import megatron_internals as internals
 
 _CPU = torch.device("cpu")
 
@@ -248,8 +251,6 @@ def _as_cuda(fn):
 def _patch_tensor_checks():
     language_module = _import("megatron.core.models.common.language_module.language_module")
     clip_grads = _import("megatron.core.optimizer.clip_grads")
-    optimizer = _import("megatron.core.optimizer.optimizer")
-    distrib_optimizer = _import("megatron.core.optimizer.distrib_optimizer")
 
     # Tied embeddings under PP: first and last stage all-reduce `weight.data.cuda()`.
     cls = getattr(language_module, "LanguageModule", None)
@@ -260,26 +261,22 @@ def _patch_tensor_checks():
     # optimizer.py imported it by name, so that reference is replaced too.
     original = getattr(clip_grads, "clip_grad_by_total_norm_fp32", None)
     if original is not None:
-        for module in (clip_grads, optimizer):
-            if getattr(module, "clip_grad_by_total_norm_fp32", None) is original:
-                module.clip_grad_by_total_norm_fp32 = _as_cuda(original)
+        clip_grads.clip_grad_by_total_norm_fp32 = _as_cuda(original)
+        if internals.optimizer_clip_grad_by_total_norm_fp32.get() is original:
+            internals.optimizer_clip_grad_by_total_norm_fp32.replace(clip_grads.clip_grad_by_total_norm_fp32)
 
     # DistributedOptimizer sorts params into fp32 / fp16 groups by model_param.type().
-    cls = getattr(distrib_optimizer, "DistributedOptimizer", None)
-    method = vars(cls).get("_build_model_and_main_param_groups") if cls else None
-    if isinstance(method, classmethod):
-        cls._build_model_and_main_param_groups = classmethod(_as_cuda(method.__func__))
+    build_groups = internals.build_model_and_main_param_groups
+    build_groups.replace(classmethod(_as_cuda(build_groups.get().__func__)))
 
     # Float16OptimizerWithFloat16Params (bf16 / fp16) sorts params by param.type().
-    cls = getattr(optimizer, "Float16OptimizerWithFloat16Params", None)
+    cls = getattr(_import("megatron.core.optimizer.optimizer"), "Float16OptimizerWithFloat16Params", None)
     if cls is not None:
         cls.__init__ = _as_cuda(cls.__init__)
 
     # Fully parallel checkpoint load moves the shards it read with `tensor.cuda()` before
     # exchanging them, and makes receive buffers with ShardedTensor.init_data("cuda").
-    fully_parallel = _import("megatron.core.dist_checkpointing.strategies.fully_parallel")
-    if hasattr(fully_parallel, "exchange_by_distribution"):
-        fully_parallel.exchange_by_distribution = _as_cuda(fully_parallel.exchange_by_distribution)
+    internals.exchange_by_distribution.replace(_as_cuda(internals.exchange_by_distribution.get()))
     mapping = _import("megatron.core.dist_checkpointing.mapping")
     cls = getattr(mapping, "ShardedTensor", None)
     if hasattr(cls, "init_data"):
@@ -288,13 +285,9 @@ def _patch_tensor_checks():
 
 
 def _patch_rng():
-    mrandom = _import("megatron.core.tensor_parallel.random")
-    base = getattr(mrandom, "CudaRNGStatesTracker", None)
-    if base is None:
-        return
-    default_name = getattr(mrandom, "_MODEL_PARALLEL_RNG_TRACKER_NAME", "model-parallel-rng")
+    default_name = internals.model_parallel_rng_tracker_name.get()
 
-    class CpuRNGStatesTracker(base):
+    class CpuRNGStatesTracker(internals.cuda_rng_states_tracker.get()):
         """Megatron's RNG tracker over CPU generator states: add() and fork() of the
         CUDA tracker read and write torch.cuda RNG states."""
 
@@ -320,21 +313,17 @@ def _patch_rng():
                 torch.set_rng_state(outer)
 
     # initialize_rng_tracker() instantiates whatever this module-level name refers to.
-    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    internals.cuda_rng_states_tracker.replace(CpuRNGStatesTracker)
 
     # Activation recompute (tensor_parallel.checkpoint) saves and restores the CUDA RNG.
-    if hasattr(mrandom, "_get_cuda_rng_state"):
-        mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    if hasattr(mrandom, "_set_cuda_rng_state"):
-        mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    internals.get_cuda_rng_state.replace(lambda *args, **kwargs: torch.get_rng_state())
+    internals.set_cuda_rng_state.replace(lambda state, *args, **kwargs: torch.set_rng_state(state))
 
 
 def _patch_moe_host_copies():
     """The all-to-all MoE dispatcher copies its split sizes to the host as numpy arrays, which
     all_to_all_single takes; Megatron copies only CUDA tensors, so on the CPU they stayed tensors."""
-    from megatron.core.transformer.moe import token_dispatcher
-
-    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+    to_host = internals.maybe_move_tensor_to_cpu.get()
 
     @functools.wraps(to_host)
     def to_host_on_cpu(tensor, as_numpy=False, record_stream=False):
@@ -342,7 +331,7 @@ def _patch_moe_host_copies():
             return tensor.numpy()
         return to_host(tensor, as_numpy, record_stream)
 
-    token_dispatcher.maybe_move_tensor_to_cpu = to_host_on_cpu
+    internals.maybe_move_tensor_to_cpu.replace(to_host_on_cpu)
 
 
 def install() -> None:
@@ -353,6 +342,7 @@ def install() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("megatron_raptr.compat.cpu.install() is for machines without CUDA")
+    internals.check(internals.CPU)
     _redirect(_MODULES_ASSUMING_CUDA, _TorchOnCpu())
     _redirect(_MODULES_USING_CUDA_STREAMS, _TorchOnCpu(device_present=True))
     _patch_tensor_checks()

@@ -10,18 +10,17 @@ the value before loading (a non-persistent entry). Here each parameter keeps its
 of the step that param_groups restored.
 """
 
-from megatron.core import optimizer as megatron_optimizer
-from megatron.core.optimizer import DistributedOptimizer
+from megatron_raptr import megatron_internals as internals
 
 
 def needed() -> bool:
     """Whether Megatron-Core fell back to torch's Adam."""
-    return megatron_optimizer.Adam.__module__.startswith("torch.")
+    return internals.adam.get().__module__.startswith("torch.")
 
 
 def install() -> None:
     """Idempotent."""
-    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    set_states = internals.set_main_param_and_optimizer_states.get()
     if getattr(set_states, "_owns_step", False):
         return
 
@@ -34,4 +33,4 @@ def install() -> None:
         set_states(self, model_param, tensors)
 
     set_states_with_own_step._owns_step = True
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_with_own_step
+    internals.set_main_param_and_optimizer_states.replace(set_states_with_own_step)

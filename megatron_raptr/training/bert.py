@@ -17,11 +17,11 @@ import torch
 from megatron.core.datasets import helpers
 from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDataset, BERTMaskedWordPieceDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron.core.models.bert import bert_lm_head
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.flops import bert_head_forward_flops_per_token
 from megatron_raptr.layer import get_bert_raptr_layer_spec
 from megatron_raptr.training import data, tokenizer
@@ -69,7 +69,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--seq-length {args.seq_length} is too short for BERT: [CLS], two [SEP] and two tokens")
     if args.seed < 1:  # megatron-core's sample mapping requires it
         raise ValueError(f"--seed must be positive with --model bert, got {args.seed}")
-    if args.sequence_parallel and bert_lm_head.LNImpl is WrappedTorchNorm:
+    if args.sequence_parallel and internals.bert_lm_head_norm_impl.get() is WrappedTorchNorm:
         raise ValueError("--sequence-parallel with --model bert needs Apex: without it Megatron-Core's BERT head "
                          "falls back to a torch norm, which refuses sequence parallelism")
 

@@ -36,6 +36,7 @@ from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.compat import torch_adam
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -328,7 +329,7 @@ def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
     dummy step (zero gradients) creates it; the load then overwrites every value."""
     for sub_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(sub_optimizer, DistributedOptimizer) and not sub_optimizer.optimizer.state:
-            sub_optimizer._init_optimizer_states_with_dummy_values()
+            internals.init_optimizer_states_with_dummy_values(sub_optimizer)
 
 
 def _padded_vocab_size(model: List[torch.nn.Module]) -> int:

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import gpt_layer_specs
-from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.utils import local_multi_tensor_applier
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.compat import torch_adam
 from megatron_raptr.compat.torch_norm import SequenceParallelTorchNorm
 from megatron_raptr.layer import get_gpt_raptr_layer_spec
@@ -123,7 +123,7 @@ def megatron_fallbacks(unfused: Dict[str, str]) -> List[str]:
         fallbacks.append("local layer spec" + (" with torch norms" if torch_norms else ""))
     if torch_adam.needed():
         fallbacks.append("torch AdamW")
-    if megatron_optimizer.multi_tensor_applier is local_multi_tensor_applier:
+    if internals.multi_tensor_applier.get() is local_multi_tensor_applier:
         fallbacks.append("local multi-tensor kernels")
     reasons = {}
     for fused, why in unfused.items():

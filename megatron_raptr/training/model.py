@@ -6,14 +6,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.tensor_parallel import layers as tensor_parallel_layers
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.training import checkpointing
 from megatron_raptr.training.family import model_family
@@ -65,12 +64,12 @@ def unavailable_fusions() -> Dict[str, str]:
 
         return dict.fromkeys(FUSIONS, cpu.NO_FUSED_KERNELS)
     missing = {}
-    if not tensor_parallel_layers._grad_accum_fusion_available:  # Megatron's linear layers raise without it
+    if not internals.grad_accum_fusion_available.get():  # Megatron's linear layers raise without it
         missing["--gradient-accumulation-fusion"] = "needs Apex's fused_weight_gradient_mlp_cuda extension"
     # Transformer Engine's attention fuses the softmax itself and ignores the flag.
     if not HAVE_TE and not all(importlib.util.find_spec(kernel) for kernel in _SOFTMAX_KERNELS):
         missing["--masked-softmax-fusion"] = "needs Megatron's fused softmax kernels (built by Apex)"
-    if rope_utils.fused_apply_rotary_pos_emb is None:
+    if internals.fused_apply_rotary_pos_emb.get() is None:
         missing["--rope-fusion"] = "needs Transformer Engine"
     return missing
 
