@@ -183,7 +183,10 @@ training_ddp = Internal("megatron.training.training", "DDP")
 model_builder_ddp = Internal("megatron.training.models.dist_utils", "DistributedDataParallel")
 default_layer_spec = Internal("megatron.training.models.gpt", "default_layer_spec", ["config", "vp_stage"])
 compile_helpers = Internal("megatron.core.datasets.utils", "compile_helpers")
-MEGATRON_LM = [train_step, evaluate, training_ddp, model_builder_ddp, default_layer_spec, compile_helpers]
+# compat/cpu.py: its CUDA fusions' warm-up, run on a forked CPU generator.
+jit_fusion_warm_up = Internal("megatron.training.training", "set_jit_fusion_options", ["tp_size"])
+MEGATRON_LM = [train_step, evaluate, training_ddp, model_builder_ddp, default_layer_spec, compile_helpers,
+               jit_fusion_warm_up]
 
 REGISTRY = CORE + PARAM_LAYOUT + CPU + MOE_TRACKER + MEGATRON_LM
 

@@ -83,6 +83,7 @@ EXPECTED = [
     "megatron.training.models.dist_utils.DistributedDataParallel",
     "megatron.training.models.gpt.default_layer_spec",
     "megatron.core.datasets.utils.compile_helpers",
+    "megatron.training.training.set_jit_fusion_options",
 ]
 
 # The names call sites must reach through megatron_internals (distinctive enough to search for).
@@ -94,7 +95,7 @@ REACHED_THROUGH_THE_MODULE = [
     "_MODEL_PARALLEL_RNG_TRACKER_NAME", "_get_cuda_rng_state", "_set_cuda_rng_state",
     "_build_model_and_main_param_groups", "exchange_by_distribution", "maybe_move_tensor_to_cpu",
     "moe_logging", "get_moe_metrics_tracker", "MoEMetricsTracker", "default_layer_spec", "compile_helpers",
-    "dist_utils", "_ParamAndGradBucketGroup", "_ParamAndGradBuffer",
+    "dist_utils", "_ParamAndGradBucketGroup", "_ParamAndGradBuffer", "set_jit_fusion_options",
 ]
 
 

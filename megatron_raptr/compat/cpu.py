@@ -371,16 +371,15 @@ def install_megatron_training() -> None:
     torch._dynamo.config.disable = True
     # The fusions' warm-up draws its random inputs from CUDA's generator on a GPU; here from the one
     # that then initializes the weights, which would differ from a GPU run's and pretrain_raptr.py's.
-    from megatron.training import training
-
-    warm_up = training.set_jit_fusion_options
+    internals.check(internals.MEGATRON_LM)
+    warm_up = internals.jit_fusion_warm_up.get()
 
     @functools.wraps(warm_up)
     def warm_up_leaving_rng_alone(*args, **kwargs):
         with torch.random.fork_rng(devices=[]):
             return warm_up(*args, **kwargs)
 
-    training.set_jit_fusion_options = warm_up_leaving_rng_alone
+    internals.jit_fusion_warm_up.replace(warm_up_leaving_rng_alone)
     _training_installed = True
 
 
