@@ -128,18 +128,9 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
 
 def _check_args(args) -> None:
     check_refused(args)
-    if args.use_megatron_fsdp or args.use_torch_fsdp2:
-        raise ValueError(
-            "RaPTr does not run under --use-megatron-fsdp or --use-torch-fsdp2: a skipped layer's "
-            "parameter shards would never be reduced or gathered. Use Megatron's DDP, with "
-            "--use-distributed-optimizer to shard the optimizer state")
     if args.virtual_pipeline_model_parallel_size is not None:
         raise ValueError("RaPTr does not support virtual pipeline stages "
                          "(--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank)")
-    if args.cuda_graph_impl != "none":  # --enable-cuda-graph and --external-cuda-graph set it too
-        raise ValueError(f"RaPTr does not run under CUDA graphs (--cuda-graph-impl {args.cuda_graph_impl}; "
-                         "--enable-cuda-graph and --external-cuda-graph set it too): a replayed graph runs the "
-                         "layers it captured, whatever the step's path")
     if args.transformer_impl == "transformer_engine" and not gpt_layer_specs.HAVE_TE:
         raise ValueError("--transformer-impl transformer_engine (Megatron-LM's default) needs Transformer Engine, "
                          "which is not installed: pass --transformer-impl local")

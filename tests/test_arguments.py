@@ -190,9 +190,10 @@ def test_tensorboard_dir_without_tensorboard_is_refused(tmp_path, capsys, monkey
     assert "--tensorboard-dir needs the tensorboard package" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", [["--enable-cuda-graph"], ["--external-cuda-graph"], ["--cuda-graph-impl", "local"]])
+@pytest.mark.parametrize("flag", [["--enable-cuda-graph"], ["--external-cuda-graph"]])
 def test_cuda_graphs_are_not_accepted(flag, capsys):
-    """A replayed CUDA graph runs the layers it captured, whatever the step's path: no flag asks for one."""
+    """A replayed CUDA graph runs the layers it captured, whatever the step's path: only --cuda-graph-impl
+    is known, to be refused with the reason."""
     with pytest.raises(SystemExit):
         parse_args(BASE + flag)
     assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
@@ -205,6 +206,11 @@ def test_cuda_graphs_are_not_accepted(flag, capsys):
     (["--overlap-param-gather-with-optimizer-step"], "inside the optimizer step"),
     (["--fp8-format", "hybrid"], "amax histories"),
     (["--fp4-format", "nvfp4"], "FP4 has not been run"),
+    (["--use-megatron-fsdp"], "shards would never be reduced"),
+    (["--use-torch-fsdp2"], "shards would never be reduced"),
+    (["--context-parallel-size", "2"], "Transformer Engine's attention"),
+    (["--cuda-graph-impl", "local"], "runs the layers it captured"),
+    (["--mtp-num-layers", "1"], "multi-token prediction"),
 ])
 def test_refused_optimizer_and_precision_options_say_why(flag, reason, capsys):
     """The same table refuses them in Megatron-LM's loop (tests/test_megatron_lm.py)."""
@@ -212,7 +218,7 @@ def test_refused_optimizer_and_precision_options_say_why(flag, reason, capsys):
         parse_args(BASE + flag)
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"error: {' '.join(flag)}: refused with RaPTr: " in error and reason in error
-    assert parse_args(BASE + ["--optimizer", "adam"]).optimizer == "adam"
+    assert parse_args(BASE + ["--optimizer", "adam", "--context-parallel-size", "1"]).optimizer == "adam"
 
 
 def test_fusions_default_to_what_the_machine_runs(monkeypatch):

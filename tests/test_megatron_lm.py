@@ -120,18 +120,24 @@ def test_moe_under_expert_parallelism(tmp_path):
     layers get gradients and change in the optimizer step (Megatron chains a dense and an expert optimizer
     here), the two ranks together run the step's counted FLOPs (router and top-k experts:
     each rank computes the tokens routed to its experts), and the records carry the auxiliary losses."""
-    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff",
-           "0.001", "--moe-layer-freq", "([1,0,1,1])", "--swiglu", "--disable-bias-linear",
-           "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]
-    ranks = run_distributed(_train_each, 2, [_argv(tmp_path, "moe", *RAPTR, "--raptr-verify-sync", "1", *moe)])
+    model = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff",
+             "0.001", "--moe-layer-freq", "([1,0,1,1])", "--swiglu", "--disable-bias-linear",
+             "--moe-token-dispatcher-type", "alltoall"]
+    moe = [*model, "--expert-model-parallel-size", "2"]
+    # And the experts split by tensor parallelism instead (expert TP = TP = 2, sequence parallel).
+    tensor_parallel = [*model, "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    ranks = run_distributed(_train_each, 2, [_argv(tmp_path, name, *RAPTR, "--raptr-verify-sync", "1", *flags)
+                                             for name, flags in (("moe", moe), ("moe-tp2", tensor_parallel))])
+    for run, name in enumerate(("moe", "moe-tp2")):
+        train, _ = _records(tmp_path, name)
+        assert [r["path_length"] for r in train] == [2] * 4 + [4] * 4
+        assert all(r["load_balancing_loss"] > 0 and r["z_loss"] > 0 for r in train)
+        assert train[-1]["lm_loss"] < train[0]["lm_loss"]
+        for rank in ranks:
+            for step, record in zip(rank[run], train):
+                assert step["with_grad"] == record["active_layers"], (name, step)
+                assert step["moved"] == (record["active_layers"] if record["lr"] > 0 else []), (name, step)  # experts too
     train, _ = _records(tmp_path, "moe")
-    assert [r["path_length"] for r in train] == [2] * 4 + [4] * 4
-    assert all(r["load_balancing_loss"] > 0 and r["z_loss"] > 0 for r in train)
-    assert train[-1]["lm_loss"] < train[0]["lm_loss"]
-    for (steps,) in ranks:
-        for step, record in zip(steps, train):
-            assert step["with_grad"] == record["active_layers"], step
-            assert step["moved"] == (record["active_layers"] if record["lr"] > 0 else []), step  # experts too
     for step, other, record in zip(ranks[0][0], ranks[1][0], train):
         assert step["flops"] + other["flops"] == record["step_flops"], record
 
@@ -145,6 +151,10 @@ def test_paths_agree_under_tensor_pipeline_and_data_parallelism(tmp_path):
         "dp2": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
         "dp2-every-bucket": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--no-raptr-skip-grad-comm"],
         "dp2-param-gather": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"],
+        "dp2-recompute-full": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--recompute-granularity",
+                               "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+        "dp2-recompute-selective": ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                                    "--recompute-granularity", "selective"],
     }
     # Any 2 of the 4 layers: two layers in a row that the last step changed can be off the path,
     # and the second one is then gathered by no hook.
@@ -161,13 +171,14 @@ def test_paths_agree_under_tensor_pipeline_and_data_parallelism(tmp_path):
         losses = [r["lm_loss"] for r in _records(tmp_path, name)[0]]
         assert losses[-1] < losses[0], name
     # Reducing the idle buckets too, or gathering parameters during the next forward (where skipped
-    # layers run no hooks), changes nothing but the communication: training and evaluation losses.
+    # layers run no hooks), changes nothing but the communication, and recomputing activations (full or
+    # selective) nothing but the memory: training and evaluation losses.
     def losses(name):
         train, evals = _records(tmp_path, name)
         return [r["lm_loss"] for r in train], [r["val_loss"] for r in evals]
 
-    for name, reference in (("dp2-every-bucket", "dp2"), ("dp2-param-gather", "dp2"),
-                            ("dp2-any-two-param-gather", "dp2-any-two")):
+    for name, reference in (("dp2-every-bucket", "dp2"), ("dp2-param-gather", "dp2"), ("dp2-recompute-full", "dp2"),
+                            ("dp2-recompute-selective", "dp2"), ("dp2-any-two-param-gather", "dp2-any-two")):
         assert losses(name) == losses(reference), name
     assert all(run[2][0]["skip_grad_comm"] and not run[3][0]["skip_grad_comm"] for run in ranks)
     pp_steps = [run[1] for run in ranks]  # per rank: the pp2 run
@@ -279,14 +290,17 @@ def test_stacking_grows_megatron_lm_model_and_optimizer(methods):
 
 @pytest.mark.parametrize("flags, settings, message", [
     # Megatron-LM's own checks of the FSDP flags need CUDA: set as they would pass on a GPU.
-    ([], {"use_torch_fsdp2": True}, "--use-torch-fsdp2"),
-    ([], {"use_megatron_fsdp": True}, "--use-megatron-fsdp"),
+    ([], {"use_torch_fsdp2": True}, "--use-torch-fsdp2: refused with RaPTr: a skipped layer's parameter shards"),
+    ([], {"use_megatron_fsdp": True}, "--use-megatron-fsdp: refused with RaPTr"),
+    # Megatron-LM's own checks need Transformer Engine for these: set as they would pass with it.
+    ([], {"context_parallel_size": 2}, "--context-parallel-size 2: refused with RaPTr"),
+    ([], {"mtp_num_layers": 1}, "--mtp-num-layers 1: refused with RaPTr"),
     (["--spec", "megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"], {},
      "--spec megatron.core.models.hybrid.hybrid_layer_specs hybrid_stack_spec: RaPTr gates TransformerLayer"),
     (["--raptr-schedule", "2@0,5@4"], {}, "--num-layers"),
-    (["--cuda-graph-impl", "local"], {}, "CUDA graphs \\(--cuda-graph-impl local"),
-    (["--enable-cuda-graph"], {}, "CUDA graphs \\(--cuda-graph-impl local; --enable-cuda-graph"),
-    (["--external-cuda-graph"], {}, "CUDA graphs \\(--cuda-graph-impl transformer_engine"),
+    (["--cuda-graph-impl", "local"], {}, "--cuda-graph-impl local: refused with RaPTr"),
+    (["--enable-cuda-graph"], {}, "--cuda-graph-impl local: refused with RaPTr: .*--enable-cuda-graph"),
+    (["--external-cuda-graph"], {}, "--cuda-graph-impl transformer_engine: refused with RaPTr"),
     # The optimizer and precision options pretrain_raptr.py refuses (megatron_raptr/unsupported.py); those
     # Megatron-LM's own checks refuse on the CPU: set as they would pass on a GPU.
     (["--optimizer", "sgd"], {}, "--optimizer sgd: refused with RaPTr"),
