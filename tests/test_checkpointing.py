@@ -321,9 +321,12 @@ def test_load_errors_name_the_flag_and_the_problem(job):
      "padded to 640 rows, which --tensor-model-parallel-size 3 cannot split evenly"),
     # 700 ids and an end-of-document id: 701 ids under megatron-core 0.16, 700 under 0.19 (EOD counted in).
     (["--tokenizer-type", "NullTokenizer", "--vocab-size", "700"], 1, "640 rows, fewer than the tokenizer's 70"),
-], ids=["tp-does-not-divide", "larger-tokenizer"])
-def test_vocabulary_the_checkpoint_cannot_load_into_is_refused_before_training(job, root, extra, world_size,
-                                                                               message, capsys):
+    # Megatron's scheduler would go on with the checkpoint's style (linear) and ignore the flag.
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "1"], 1,
+     "continues its LR schedule, --lr-decay-style linear, but this run gives --lr-decay-style WSD"),
+], ids=["tp-does-not-divide", "larger-tokenizer", "another-lr-schedule"])
+def test_checkpoint_the_run_cannot_continue_is_refused_before_training(job, root, extra, world_size, message,
+                                                                      capsys):
     load = os.path.join(root, "adam")
     with pytest.raises(SystemExit):
         parse_args(_argv(root, "--load", load, *extra), world_size=world_size)

@@ -335,8 +335,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
         raise ValueError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer")
     if args.load:  # a checkpoint this layout cannot load
-        checkpointing.check_resumable(args.load, args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.use_distributed_optimizer)
+        checked = checkpointing.check_resumable(args.load, args.tensor_model_parallel_size,
+                                                args.pipeline_model_parallel_size, args.use_distributed_optimizer)
+        if checked is not None:
+            _check_resumed_lr_schedule(args, *checked)
     if args.skip_train and not (args.load and args.eval_iters):
         raise ValueError("--skip-train evaluates a checkpoint: it needs --load and --eval-iters > 0")
     if args.multiple_validation_sets and not args.valid_data_path:
@@ -422,6 +424,16 @@ def _validate_wsd_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} exceeds the {decay_span} iterations "
                          f"between --lr-warmup-iters {args.lr_warmup_iters} and --lr-decay-iters "
                          f"{args.lr_decay_iters} (default: --train-iters)")
+
+
+def _check_resumed_lr_schedule(args: argparse.Namespace, path: str, common: dict) -> None:
+    """Megatron's scheduler resumes the checkpoint's decay style whatever the flag says (as Megatron-LM's
+    does), and WSD's decay length is not in the checkpoint: a different style would be ignored, or fail."""
+    saved = common["opt_param_scheduler"]["lr_decay_style"]
+    if saved != args.lr_decay_style:
+        raise ValueError(f"--load {args.load}: {path} continues its LR schedule, --lr-decay-style {saved}, "
+                         f"but this run gives --lr-decay-style {args.lr_decay_style}: resume with {saved}"
+                         + (" and its --lr-wsd-decay-iters" if saved == "WSD" else ""))
 
 
 def default_num_workers() -> int:
