@@ -9,10 +9,11 @@ on one stage wastes the others' time. Prints, side by side:
   and 8 under each sampling mode, and the pipeline efficiency that leaves (k/PP over it).
 
     torchrun --nproc-per-node 2 tools/bench_pipeline.py --layers 8 --path 4
-    python tools/bench_pipeline.py --analytic-only
+    python tools/bench_pipeline.py --analytic-only --json pipeline.json
 """
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -23,6 +24,7 @@ from megatron_raptr.sampler import PathSampler
 from megatron_raptr.schedule import RaptrSchedule
 
 MODES = ("bernoulli", "fixed-size", "pipeline-balanced")
+ANALYTIC_LAYERS = 24
 
 
 def slowest_stage_layers(layers: int, path: int, stages: int, mode: str, steps: int = 4000) -> float:
@@ -35,17 +37,21 @@ def slowest_stage_layers(layers: int, path: int, stages: int, mode: str, steps: 
     return float(np.mean(loads))
 
 
-def analytic_table(layers: int = 24) -> str:
+def analytic_loads(layers: int = ANALYTIC_LAYERS) -> list:
+    """Expected layers on the slowest stage per step of each sampling mode, for PP=2, 4, 8 and three path lengths."""
+    return [{"pp": stages, "path": path,
+             "slowest_stage_layers": {mode: slowest_stage_layers(layers, path, stages, mode) for mode in MODES}}
+            for stages in (2, 4, 8) for path in (layers // 2, 2 * layers // 3, 5 * layers // 6)]
+
+
+def analytic_table(loads: list, layers: int = ANALYTIC_LAYERS) -> str:
     lines = [f"expected layers on the slowest pipeline stage per step ({layers} layers, first and last fixed; "
              f"efficiency = path/PP over it)",
              f"  {'PP':>3s} {'path':>5s} " + " ".join(f"{mode:>24s}" for mode in MODES)]
-    for stages in (2, 4, 8):
-        for path in (layers // 2, 2 * layers // 3, 5 * layers // 6):
-            cells = []
-            for mode in MODES:
-                load = slowest_stage_layers(layers, path, stages, mode)
-                cells.append(f"{load:8.2f} (eff. {path / stages / load:4.2f})")
-            lines.append(f"  {stages:3d} {path:5d} " + " ".join(f"{cell:>24s}" for cell in cells))
+    for row in loads:
+        cells = [f"{load:8.2f} (eff. {row['path'] / row['pp'] / load:4.2f})"
+                 for load in row["slowest_stage_layers"].values()]
+        lines.append(f"  {row['pp']:3d} {row['path']:5d} " + " ".join(f"{cell:>24s}" for cell in cells))
     return "\n".join(lines)
 
 
@@ -102,6 +108,7 @@ def main():
     parser.add_argument("--microbatches", type=int, default=8, help="per step, so the pipeline fills")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--analytic-only", action="store_true")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
     bench = parser.parse_args()
     if not bench.analytic_only:
         if os.environ.get("WORLD_SIZE") != "2":
@@ -118,7 +125,12 @@ def main():
             print(f"  fixed-size / pipeline-balanced: measured {fixed['step_ms'] / balanced['step_ms']:.3f}, "
                   f"FLOPs ideal {fixed['slowest_stage_layers'] / balanced['slowest_stage_layers']:.3f}", flush=True)
     if bench.analytic_only or int(os.environ.get("RANK", "0")) == 0:
-        print(analytic_table(), flush=True)
+        loads = analytic_loads()
+        print(analytic_table(loads), flush=True)
+        if bench.json:
+            with open(bench.json, "w") as f:
+                json.dump({"layers": ANALYTIC_LAYERS, "analytic": loads, **({} if bench.analytic_only else {"measured": result})},
+                          f, indent=1)
 
 
 if __name__ == "__main__":
