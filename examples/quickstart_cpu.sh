@@ -10,7 +10,7 @@
 #   3. a SentencePiece BPE tokenizer trained on the training documents (tools/train_tokenizer.py)
 #   4. train and validation text tokenized to Megatron .bin/.idx (tools/preprocess_data.py; for
 #      BERT split into sentences)
-#   5. torchrun pretrain_raptr.py: 6 layers, hidden 256, 128 tokens, path lengths 2 -> 4 -> 6;
+#   5. torchrun pretrain_raptr.py: 6 layers, hidden 256, 128 tokens, auto:0.75 (path lengths 2 -> 3 -> 5 -> 6);
 #      rerunning resumes from the checkpoint in RUN_DIR
 #
 # Environment:

@@ -112,8 +112,8 @@ def study_md_row(path, method):
 
 def md_cell(text, signed=False):
     """study.py's 4-decimal 'mean ± sd (n/m)' cell at the README's 3 decimals."""
-    mean, sd, *rest = re.fullmatch(r"(\S+) ± (\S+)(.*)", text).groups()
-    return f"{Decimal(mean):{'+' if signed else ''}.3f} ± {Decimal(sd):.3f}{rest[0]}"
+    mean, sd, rest = re.fullmatch(r"(\S+) ± (\S+)(.*)", text).groups()
+    return f"{Decimal(mean):{'+' if signed else ''}.3f} ± {Decimal(sd):.3f}{rest}"
 
 
 def defaults(path, skip_path):
@@ -153,19 +153,38 @@ def adam_steps(beta95, beta999):
 
 
 def pipeline(path):
-    rows = []
-    for row in load(path)["analytic"]:
-        rows.append([row["pp"], row["path"], *(f"{load_:.2f} ({row['path'] / row['pp'] / load_:.2f})"
-                                               for load_ in row["slowest_stage_layers"].values())])
+    rows = [[row["pp"], row["path"], *(f"{slowest:.2f} ({row['path'] / row['pp'] / slowest:.2f})"
+                                       for slowest in row["slowest_stage_layers"].values())]
+            for row in load(path)["analytic"]]
     return table(["PP", "path", "bernoulli", "fixed-size", "pipeline-balanced"], rows)
 
 
+def quickstart(*paths):
+    """Each run's final full-model validation loss, and its FLOPs against the full model trained at
+    every step (its last stage, whose path is every layer, gives the full model's step)."""
+    rows = []
+    for path in paths:
+        records = [json.loads(line) for line in (ROOT / path).read_text().splitlines()]
+        train = [r for r in records if "lm_loss" in r]
+        final = [r for r in records if "val_loss" in r][-1]
+        full_step = next(r["step_flops"] for r in train if r["path_length"] == len(final["evaluated_layers"]))
+        rows.append([f"`{QUICKSTART_RUNS[path]}`", final["iteration"], f"{final['val_loss']:.3f}",
+                     f"{train[-1]['cumulative_flops'] / (train[-1]['iteration'] * full_step):.2f}"])
+    return table(["run", "iterations", "full model's validation loss", "FLOPs vs the full model"], rows)
+
+
+QUICKSTART_RUNS = {  # metrics file: the quickstart command that wrote it (as its RUN_DIR/metrics.jsonl)
+    "examples/quickstart_cpu/gpt.metrics.jsonl": "bash examples/quickstart_cpu.sh",
+    "examples/quickstart_cpu/gpt-baseline.metrics.jsonl": "SCHEDULE= RUN_DIR=runs/baseline bash examples/quickstart_cpu.sh",
+    "examples/quickstart_cpu/bert.metrics.jsonl": "MODEL=bert bash examples/quickstart_cpu.sh",
+}
 TABLES = {
     "study-cpu": (study_cpu, ["examples/study_cpu/results.json"]),
     "defaults": (defaults, ["examples/study_defaults/results.json", "examples/study_defaults/skip_optimizer_step.md"]),
     "adam-steps": (adam_steps, ["examples/study_adam_steps/beta2-0.95/results.json",
                                 "examples/study_adam_steps/beta2-0.999/results.json"]),
     "pipeline": (pipeline, ["examples/benchmarks/bench_pipeline_analytic.json"]),
+    "quickstart": (quickstart, list(QUICKSTART_RUNS)),
 }
 
 
