@@ -338,12 +338,16 @@ def _padded_vocab_size(model: List[torch.nn.Module]) -> int:
 
 def _layout() -> dict:
     """What the RNG shards depend on: the parallel sizes and the device type."""
-    return {
+    layout = {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    # Virtual stages consume a rank's RNG streams in another order. Absent without them, as in
+    # checkpoints saved before they were supported.
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    return layout if virtual is None else dict(layout, vp=virtual)
 
 
 def _rng_state() -> ShardedObject:
