@@ -25,6 +25,15 @@ class PipelineLayout:
             return layout
         return cls(tuple(layout), tuple(range(len(layout))), (0,) * len(layout))
 
+    @classmethod
+    def even(cls, num_layers: int, pipeline_ranks: int, virtual_stages: int = 1) -> "PipelineLayout":
+        """Megatron's default split: every rank's every virtual stage holds as many layers."""
+        chunks = pipeline_ranks * virtual_stages
+        if num_layers % chunks:
+            raise ValueError(f"{num_layers} layers do not split into {pipeline_ranks} x {virtual_stages} equal chunks")
+        return cls((num_layers // chunks,) * chunks, tuple(range(pipeline_ranks)) * virtual_stages,
+                   tuple(v for v in range(virtual_stages) for _ in range(pipeline_ranks)))
+
     @property
     def num_layers(self) -> int:
         return sum(self.sizes)

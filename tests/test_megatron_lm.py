@@ -323,3 +323,32 @@ def test_refuses_what_raptr_cannot_run_before_any_work(flags, settings, message)
             megatron_lm.setup(args)
     finally:
         global_vars.unset_global_variables()
+
+
+def test_virtual_pipeline_stages_continue_a_plain_pipeline_run(tmp_path):
+    """PP=2 saved at 4, continued with 2 virtual stages per rank: the plain run's losses (Megatron-LM's
+    checkpoint reshards onto the chunks). Balanced paths put one layer in each of the 4 virtual stages."""
+    ckpt = str(tmp_path / "ckpt")
+    pp2 = ["--pipeline-model-parallel-size", "2", "--raptr-verify-sync", "1"]
+    vpp = [*pp2, "--num-virtual-stages-per-pipeline-rank", "2"]
+    balanced = ["--num-layers", "8", "--raptr-schedule", "4@0", "--raptr-sampling", "pipeline-balanced",
+                "--num-layers-per-virtual-pipeline-stage", "2"]
+    ranks = run_distributed(_train_each, 2, [
+        _argv(tmp_path, "pp2", *RAPTR, *pp2),
+        _argv(tmp_path, "pp2-first-half", *RAPTR, *pp2, "--save", ckpt, "--save-interval", "4", "--exit-interval", "4"),
+        _argv(tmp_path, "vpp-resumed", *RAPTR, *vpp, "--load", ckpt),
+        _argv(tmp_path, "vpp-balanced", *pp2, *balanced),
+    ])
+    reference, _ = _records(tmp_path, "pp2")
+    resumed, _ = _records(tmp_path, "vpp-resumed")
+    assert [r["iteration"] for r in resumed] == [5, 6, 7, 8]
+    assert [r["active_layers"] for r in resumed] == [r["active_layers"] for r in reference[4:]]
+    assert [r["lm_loss"] for r in resumed] == pytest.approx([r["lm_loss"] for r in reference[4:]], rel=2e-5)
+    for rank, runs in enumerate(ranks):
+        assert runs[2][0]["layers"] == [1 + rank, 3 + rank]  # virtual stage v of rank r: layer 2v + r + 1
+        for step, record in zip(runs[2], resumed):
+            assert step["with_grad"] == [layer for layer in step["layers"] if layer in record["active_layers"]]
+    train, _ = _records(tmp_path, "vpp-balanced")
+    assert len({tuple(r["active_layers"]) for r in train}) > 1
+    for record in train:
+        assert sorted((layer - 1) // 2 for layer in record["active_layers"]) == [0, 1, 2, 3], record

@@ -27,12 +27,13 @@ def test_layout_interleaves_virtual_stages_as_megatron_numbers_layers():
 
     assert layout(2, 2, 8) == PipelineLayout((2, 2, 2, 2), (0, 1, 0, 1), (0, 0, 1, 1))
     assert layout(4, 2, 16) == PipelineLayout((2,) * 8, (0, 1, 2, 3) * 2, (0,) * 4 + (1,) * 4)
+    assert layout(4, 2, 16) == PipelineLayout.even(16, 4, 2)
     assert layout(2, None, 8) == PipelineLayout((4, 4), (0, 1), (0, 0))
     assert [layout(4, 2, 16).rank_of(layer) for layer in (1, 3, 8, 9, 16)] == [0, 1, 3, 0, 3]
 
 
 # 16 layers, PP=4, 2 virtual stages of 2 layers: chunk c holds layers 2c+1, 2c+2 on rank c % 4.
-INTERLEAVED = PipelineLayout((2,) * 8, (0, 1, 2, 3) * 2, (0,) * 4 + (1,) * 4)
+INTERLEAVED = PipelineLayout.even(16, 4, 2)
 
 
 def per_chunk_and_rank(active):
