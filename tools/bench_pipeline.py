@@ -40,7 +40,7 @@ def slowest_stage_layers(layers: int, path: int, stages: int, mode: str, virtual
     return float(np.mean(loads))
 
 
-def analytic_table(layers: int = 48) -> str:
+def analytic_table(layers: int = 32) -> str:
     lines = [f"expected layers on the slowest pipeline rank per step ({layers} layers, first and last fixed; "
              f"efficiency = path/PP over it; VP: virtual stages per rank)",
              f"  {'PP':>3s} {'VP':>3s} {'path':>5s} " + " ".join(f"{mode:>24s}" for mode in MODES)]
