@@ -88,6 +88,8 @@ class PathSampler:
         counts = list(balance.counts)
         for rank, count in extras.items():  # a rank's extra layers go to its tied chunks
             tied = balance.tied[rank]
+            # No draw where there is no choice: without virtual stages (one chunk per rank) the
+            # random stream, and so every path, is the one of one level of balancing.
             for group in tied[:count] if count in (0, len(tied)) else rng.choice(tied, size=count, replace=False):
                 counts[group] += 1
         chosen = []

@@ -349,7 +349,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer")
     if args.load:  # a checkpoint this layout cannot load
         checked = checkpointing.check_resumable(args.load, args.tensor_model_parallel_size,
-                                                args.pipeline_model_parallel_size, args.use_distributed_optimizer)
+                                                args.pipeline_model_parallel_size, args.use_distributed_optimizer,
+                                                args.virtual_pipeline_model_parallel_size)
         if checked is not None:
             _check_resumed_lr_schedule(args, *checked)
     if args.skip_train and not (args.load and args.eval_iters):

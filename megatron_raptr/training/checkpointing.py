@@ -160,7 +160,8 @@ def load_checkpoint(
     there. fully_parallel: each replicated shard is read by one DP rank and sent to the
     others. Collective."""
     layout = _layout()
-    checked = check_resumable(load_dir, layout["tp"], layout["pp"], optimizer.config.use_distributed_optimizer)
+    checked = check_resumable(load_dir, layout["tp"], layout["pp"], optimizer.config.use_distributed_optimizer,
+                              layout.get("vp"))
     if checked is None:
         return None
     path, common = checked
@@ -204,7 +205,8 @@ def load_checkpoint(
     return loaded["state"]
 
 
-def check_resumable(load_dir: str, tp: int, pp: int, distributed_optimizer: bool) -> Optional[tuple]:
+def check_resumable(load_dir: str, tp: int, pp: int, distributed_optimizer: bool,
+                    virtual_stages: Optional[int] = None) -> Optional[tuple]:
     """(directory, common state) of the latest checkpoint under `load_dir` if a run with
     these settings can load it; None when there is none. Raises RuntimeError naming --load
     when it cannot."""
@@ -219,11 +221,14 @@ def check_resumable(load_dir: str, tp: int, pp: int, distributed_optimizer: bool
             "--use-distributed-optimizer; resume with the same setting"
         )
     saved = common["layout"]
-    if distributed_optimizer and _saved_sharding_type(common) == PER_RANK and (saved["tp"], saved["pp"]) != (tp, pp):
+    # Virtual stages split a rank's parameters into one buffer per model chunk.
+    if distributed_optimizer and _saved_sharding_type(common) == PER_RANK and \
+            (saved["tp"], saved["pp"], saved.get("vp")) != (tp, pp, virtual_stages):
         raise RuntimeError(
             f"--load {load_dir}: {path} holds the distributed optimizer's state per DP rank, which loads only "
             f"under its --tensor-model-parallel-size {saved['tp']} and --pipeline-model-parallel-size "
-            f"{saved['pp']} (this run: {tp} and {pp}). Resume under those sizes and save with "
+            f"{saved['pp']} (this run: {tp} and {pp}), with {saved.get('vp') or 'no'} virtual stages per rank "
+            f"(this run: {virtual_stages or 'none'}). Resume under those sizes and save with "
             "--dist-ckpt-optim-fully-reshardable, then change the layout."
         )
     return path, common
