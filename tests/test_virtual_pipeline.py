@@ -63,12 +63,14 @@ def test_pipeline_balanced_is_balanced_per_virtual_stage_and_per_rank(length):
         assert counts[layer] / 2000 == pytest.approx(keep[layer], abs=0.04), layer
 
 
-def test_pipeline_balanced_without_virtual_stages_balances_ranks_only():
-    """The same 16 layers on 4 plain stages: a rank may run its 3 layers in one block."""
-    schedule = RaptrSchedule.parse("12@0", 16, 200, sampling="pipeline-balanced")
-    sampler = PathSampler(schedule, seed=3, layout=(4, 4, 4, 4))
-    assert any(max(per_chunk_and_rank(sampler.path(t).active)[0]) == 2 and
-               min(per_chunk_and_rank(sampler.path(t).active)[0]) == 1 for t in range(200))
+def test_pipeline_balanced_follows_the_layout():
+    """Paths of 8 of 16 layers balanced over 4 plain stages of 4 layers put 2 on each rank, often both in
+    the same half of its layers; over the 8 chunks of 2 virtual stages, one in each, always."""
+    schedule = RaptrSchedule.parse("8@0", 16, 200, sampling="pipeline-balanced")
+    plain = PathSampler(schedule, seed=3, layout=(4, 4, 4, 4))
+    interleaved = PathSampler(schedule, seed=3, layout=INTERLEAVED)
+    assert sum(min(per_chunk_and_rank(plain.path(t).active)[0]) == 0 for t in range(200)) > 50
+    assert all(per_chunk_and_rank(interleaved.path(t).active)[0] == [1] * 8 for t in range(200))
 
 
 @pytest.mark.parametrize("flags, message", [
