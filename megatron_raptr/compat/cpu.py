@@ -340,17 +340,14 @@ def _patch_overlapped_p2p_sends() -> None:
     (deallocate_output_tensor) before it waits for the send. On a GPU the caching allocator
     orders that after the send on its stream; gloo reads the memory in the background, from
     then on freed. The send's pending work keeps a copy alive instead."""
-    p2p = _import("megatron.core.pipeline_parallel.p2p_communication")
-    original = getattr(p2p, "_p2p_ops", None)
-    if original is None:
-        return
+    original = internals.p2p_ops.get()
 
     @functools.wraps(original)
     def p2p_ops(*, tensor_send_prev, tensor_send_next, **kwargs):
         return original(tensor_send_prev=None if tensor_send_prev is None else tensor_send_prev.clone(),
                         tensor_send_next=None if tensor_send_next is None else tensor_send_next.clone(), **kwargs)
 
-    p2p._p2p_ops = p2p_ops
+    internals.p2p_ops.replace(p2p_ops)
 
 
 def install() -> None:
