@@ -216,14 +216,17 @@ METHODS = {"raptr": ["--raptr-schedule", "2@0,4@10"], "stacking": ["--stacking-s
 # Megatron-LM's validation iterator moves on between evaluations, pretrain_raptr.py's restarts.
 BOTH_LOOPS = ["--train-iters", "20", "--eval-interval", "20", "--use-cpu-initialization"]
 LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--raptr-verify-sync", "1"],
-           "pp2": ["--pipeline-model-parallel-size", "2", "--raptr-verify-sync", "1"]}
+           "pp2": ["--pipeline-model-parallel-size", "2", "--raptr-verify-sync", "1"],
+           # Layers 1 and 3 on rank 0, 2 and 4 on rank 1: the growth copies across virtual stages.
+           "vpp": ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+                   "--raptr-verify-sync", "1"]}
 
 
 @pytest.fixture(scope="module")
 def methods(tmp_path_factory):
     """Each method through both loops on 2 ranks (DP=2); gradual stacking in Megatron-LM's loop also
-    saved at its growth boundary, resumed there, continued under TP=2 and PP=2, and trained with
-    the distributed optimizer."""
+    saved at its growth boundary, resumed there, continued under TP=2 and PP=2 (also with virtual
+    stages), and trained with the distributed optimizer."""
     from tests.test_pretrain import _pretrain_each
 
     tmp = tmp_path_factory.mktemp("methods")
@@ -271,7 +274,8 @@ def test_both_loops_write_the_same_records(methods, method):
 
 def test_stacking_grows_megatron_lm_model_and_optimizer(methods):
     """Gradual stacking in Megatron-LM's loop resumes exactly across its growth boundary (the checkpoint
-    holds layers 3-4 unborn), and continues under TP=2 and PP=2; the distributed optimizer's growth
+    holds layers 3-4 unborn), and continues under TP=2 and PP=2, also with 2 virtual stages per rank
+    (growing across them); the distributed optimizer's growth
     (sharded moments) trains as the regular optimizer's."""
     train = lambda name: _records(methods, name)[0]  # noqa: E731
     reference = train("megatron-lm-stacking")
@@ -280,7 +284,7 @@ def test_stacking_grows_megatron_lm_model_and_optimizer(methods):
         for record in train(name):
             assert record == dict(reference[record["iteration"] - 1], elapsed_s=record["elapsed_s"]), name
     assert len(train("stacking-resumed")) == 10
-    for name in ("stacking-tp2", "stacking-pp2"):
+    for name in ("stacking-tp2", "stacking-pp2", "stacking-vpp"):
         continued = train(name)
         assert [r["active_layers"] for r in continued] == [[1, 2, 3, 4]] * 10
         assert [r["lm_loss"] for r in continued] == pytest.approx([r["lm_loss"] for r in reference[10:]], rel=2e-5)
