@@ -23,9 +23,11 @@ from megatron.training.utils import get_blend_and_blend_per_split
 from megatron_raptr import megatron_lm as raptr  # RaPTr
 
 
-def datasets_provider(train_valid_test_num_samples):
+def datasets_provider(train_valid_test_num_samples, vp_stage=None):
     """Megatron-Core GPT datasets (--mock-data: synthetic tokens), built on every rank so
-    that every rank reads its own batches: no broadcast across tensor-parallel ranks."""
+    that every rank reads its own batches: no broadcast across tensor-parallel ranks. Under
+    virtual pipeline stages Megatron-LM builds them once per model chunk (`vp_stage`): the same
+    batches for each."""
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     config = GPTDatasetConfig(

@@ -11,7 +11,7 @@ layer on another stage is sent over the pipeline group. The optimizer's step cou
 shared; each layer's own count for bias correction follows in megatron_raptr/adam_steps.py.
 """
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron_raptr import megatron_internals as internals
 from megatron_raptr.hooks import StageHook
 from megatron_raptr.layer import ModelChunks, raptr_layers
+from megatron_raptr.layout import PipelineLayout
 from megatron_raptr.stacking import StackingSchedule
 
 
@@ -31,8 +32,8 @@ class StackingGrowth(StageHook):
     it loads the grown weights and does not grow again.
     """
 
-    def __init__(self, model: ModelChunks, optimizer: MegatronOptimizer, layout: Sequence[int]):
-        self.model, self.optimizer, self.layout = model, optimizer, tuple(layout)
+    def __init__(self, model: ModelChunks, optimizer: MegatronOptimizer, layout: Union[PipelineLayout, Sequence[int]]):
+        self.model, self.optimizer, self.layout = model, optimizer, PipelineLayout.of(layout)
 
     def on_stage_start(self, schedule: StackingSchedule, stage: int, iteration: int) -> None:
         if stage > 0 and iteration == schedule.stages[stage].start:
@@ -41,20 +42,21 @@ class StackingGrowth(StageHook):
 
 
 @torch.no_grad()
-def grow(model: ModelChunks, optimizer: MegatronOptimizer, layout: Sequence[int], growth: Dict[int, int],
-         new_layers: Sequence[int] = ()) -> None:
-    """Copies layer ``growth[target]`` into each ``target`` (1-based global layer numbers):
-    weights, main weights and optimizer state; ``new_layers`` get zero moments instead.
-    Collective over the pipeline and data-parallel groups; every rank passes the same arguments."""
+def grow(model: ModelChunks, optimizer: MegatronOptimizer, layout: Union[PipelineLayout, Sequence[int]],
+         growth: Dict[int, int], new_layers: Sequence[int] = ()) -> None:
+    """Copies layer ``growth[target]`` into each ``target`` (1-based global layer numbers), whichever
+    pipeline rank and virtual stage holds each: weights, main weights and optimizer state; ``new_layers``
+    get zero moments instead. Collective over the pipeline and data-parallel groups; every rank passes
+    the same arguments."""
     layers = {layer.layer_number: layer for layer in raptr_layers(model)}
     keys = _state_keys(optimizer)
-    stage_of = _stage_of(layout)
+    layout = PipelineLayout.of(layout)
     my_stage = parallel_state.get_pipeline_model_parallel_rank()
     pipeline_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     # Sources lie below their targets, so from the top down no target is a later source.
     for target in sorted(growth, reverse=True):
         source = growth[target]
-        source_stage, target_stage = stage_of[source], stage_of[target]
+        source_stage, target_stage = layout.rank_of(source), layout.rank_of(target)
         if my_stage not in (source_stage, target_stage):
             continue
         template = layers[source] if my_stage == source_stage else layers[target]
@@ -71,16 +73,6 @@ def grow(model: ModelChunks, optimizer: MegatronOptimizer, layout: Sequence[int]
             if my_stage == target_stage:
                 target_param = dict(layers[target].named_parameters())[name]
                 _set_state(optimizer, target_param, keys, state, zero_moments=target in new_layers)
-
-
-def _stage_of(layout: Sequence[int]) -> Dict[int, int]:
-    """Global layer number -> pipeline stage holding it."""
-    stages, layer = {}, 0
-    for stage, count in enumerate(layout):
-        for _ in range(count):
-            layer += 1
-            stages[layer] = stage
-    return stages
 
 
 def _state_keys(optimizer: MegatronOptimizer) -> List[str]:

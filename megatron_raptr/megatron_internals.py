@@ -162,9 +162,12 @@ exchange_by_distribution = Internal("megatron.core.dist_checkpointing.strategies
                                     "exchange_by_distribution")
 maybe_move_tensor_to_cpu = Internal("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu",
                                     ["tensor", "as_numpy", "record_stream"])
+# The pipeline's unbatched sends (the interleaved schedule's, overlapped with compute): made from a copy.
+p2p_ops = Internal("megatron.core.pipeline_parallel.p2p_communication", "_p2p_ops",
+                   ["tensor_send_prev", "tensor_send_next"])
 CPU = [cuda_rng_states_tracker, model_parallel_rng_tracker_name, get_cuda_rng_state, set_cuda_rng_state,
        build_model_and_main_param_groups, optimizer_clip_grad_by_total_norm_fp32, exchange_by_distribution,
-       maybe_move_tensor_to_cpu]
+       maybe_move_tensor_to_cpu, p2p_ops]
 
 # Megatron's MoE metrics tracker (0.19), read for each step's auxiliary losses.
 get_moe_metrics_tracker = Internal("megatron.core.transformer.moe.moe_logging", "get_moe_metrics_tracker")

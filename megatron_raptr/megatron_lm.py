@@ -128,9 +128,6 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
 
 def _check_args(args) -> None:
     check_refused(args)
-    if args.virtual_pipeline_model_parallel_size is not None:
-        raise ValueError("RaPTr does not support virtual pipeline stages "
-                         "(--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank)")
     if args.transformer_impl == "transformer_engine" and not gpt_layer_specs.HAVE_TE:
         raise ValueError("--transformer-impl transformer_engine (Megatron-LM's default) needs Transformer Engine, "
                          "which is not installed: pass --transformer-impl local")

@@ -7,10 +7,11 @@ global RNGs, which Megatron seeds differently on every pipeline stage.
 
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from megatron_raptr.layout import PipelineLayout
 from megatron_raptr.schedule import RaptrSchedule
 
 # Separates the path stream from any other user of (seed, iteration).
@@ -35,23 +36,26 @@ class Path:
 class PathSampler:
     """Samples the step's path according to ``schedule.sampling``.
 
-    ``layout`` lists, for each pipeline stage, how many consecutive layers it holds
-    (Megatron builds a contiguous slice of layers per stage); it matters only for
-    ``pipeline-balanced`` sampling. Default: a single stage with all layers.
+    ``layout`` is the pipeline's model chunks (``pipeline_layout(config)``; or, for each pipeline
+    stage, how many consecutive layers it holds); it matters only for ``pipeline-balanced``
+    sampling. Default: a single stage with all layers.
     """
 
-    def __init__(self, schedule: RaptrSchedule, seed: int, layout: Optional[Sequence[int]] = None):
-        layout = tuple(layout) if layout is not None else (schedule.num_layers,)
-        if sum(layout) != schedule.num_layers or min(layout) < 1:
-            raise ValueError(f"pipeline layout {layout} does not split {schedule.num_layers} layers")
+    def __init__(self, schedule: RaptrSchedule, seed: int,
+                 layout: Optional[Union[PipelineLayout, Sequence[int]]] = None):
+        layout = PipelineLayout.of(layout if layout is not None else (schedule.num_layers,))
+        if layout.num_layers != schedule.num_layers or min(layout.sizes) < 1:
+            raise ValueError(f"pipeline layout {layout.sizes} does not split {schedule.num_layers} layers")
         self.schedule = schedule
         self.seed = seed
-        bounds = np.cumsum((0,) + layout)
-        self.groups = tuple(tuple(range(lo + 1, hi + 1)) for lo, hi in zip(bounds[:-1], bounds[1:]))
+        self.groups = tuple(tuple(layout.chunk_layers(chunk)) for chunk in range(len(layout.sizes)))
+        self._ranks = layout.ranks
         fixed = set(schedule.fixed_layers)
         self._free = [[layer for layer in group if layer not in fixed] for group in self.groups]
         self._fixed_count = [len(group) - len(free) for group, free in zip(self.groups, self._free)]
         self._all_free = [layer for free in self._free for layer in free]
+        if schedule.sampling == "pipeline-balanced":
+            self._balance = [self._balanced(int(stage.length)) for stage in schedule.stages]
         self._keep = [self._keep_probabilities(index) for index in range(len(schedule.stages))]
 
     def path(self, iteration: int) -> Path:
@@ -77,34 +81,38 @@ class PathSampler:
         if self.schedule.sampling == "fixed-size":
             count = int(length) - len(self.schedule.fixed_layers)
             return tuple(int(layer) for layer in rng.choice(self._all_free, size=count, replace=False))
-        counts, tied, extra = self._balanced_counts(int(length))
-        for group in rng.choice(tied, size=extra, replace=False):
-            counts[group] += 1
+        balance = self._balance[stage]
+        extras = dict(balance.rank_extras)
+        for rank in rng.choice(balance.tied_ranks, size=balance.extra, replace=False):
+            extras[rank] += 1
+        counts = list(balance.counts)
+        for rank, count in extras.items():  # a rank's extra layers go to its tied chunks
+            tied = balance.tied[rank]
+            # No draw where there is no choice: without virtual stages (one chunk per rank) the
+            # random stream, and so every path, is the one of one level of balancing.
+            for group in tied[:count] if count in (0, len(tied)) else rng.choice(tied, size=count, replace=False):
+                counts[group] += 1
         chosen = []
         for group, count in enumerate(counts):
             picks = rng.choice(self._free[group], size=count - self._fixed_count[group], replace=False)
             chosen.extend(int(layer) for layer in picks)
         return tuple(chosen)
 
-    def _balanced_counts(self, length: int) -> Tuple[List[int], List[int], int]:
-        """Layers per pipeline stage for ``pipeline-balanced``, as even as the fixed layers allow.
-
-        Water-filling: raise the least-loaded stages one layer at a time. Returns the
-        deterministic counts, the stages that tie for the last layers and how many of
-        them get one more (chosen at random, so every tied stage is equally likely).
-        """
-        counts = list(self._fixed_count)
-        remaining = length - sum(counts)
-        while remaining:
-            open_groups = [g for g, group in enumerate(self.groups) if counts[g] < len(group)]
-            level = min(counts[g] for g in open_groups)
-            tied = [g for g in open_groups if counts[g] == level]
-            if len(tied) > remaining:
-                return counts, tied, remaining
-            for g in tied:
-                counts[g] += 1
-            remaining -= len(tied)
-        return counts, [], 0
+    def _balanced(self, length: int) -> "_Balance":
+        """Layers per model chunk for ``pipeline-balanced``, as even as the fixed layers allow over the
+        chunks (the virtual stages), and then, for the last layers that several chunks tie for, over the
+        pipeline ranks (water-filling both times: raise the least-loaded one layer at a time)."""
+        counts, tied, extra = _water_fill(self._fixed_count, [len(group) for group in self.groups],
+                                          length - sum(self._fixed_count))
+        tied_by_rank: Dict[int, List[int]] = {}
+        for group in tied:
+            tied_by_rank.setdefault(self._ranks[group], []).append(group)
+        ranks = list(tied_by_rank)
+        loads = [sum(count for group, count in enumerate(counts) if self._ranks[group] == rank) for rank in ranks]
+        filled, tied_ranks, rank_extra = _water_fill(loads, [load + len(tied_by_rank[rank])
+                                                             for rank, load in zip(ranks, loads)], extra)
+        return _Balance(counts, tied_by_rank, {rank: new - load for rank, new, load in zip(ranks, filled, loads)},
+                        [ranks[i] for i in tied_ranks], rank_extra)
 
     def _keep_probabilities(self, stage: int) -> Dict[int, float]:
         keep = {layer: 1.0 for layer in self.schedule.fixed_layers}
@@ -112,8 +120,46 @@ class PathSampler:
             p = self.schedule.keep_probability(stage)
             keep.update({layer: p for layer in self._all_free})
             return keep
-        counts, tied, extra = self._balanced_counts(int(self.schedule.stages[stage].length))
+        balance = self._balance[stage]
+        expected = [float(count) for count in balance.counts]
+        for rank, tied in balance.tied.items():
+            extras = balance.rank_extras[rank] + (balance.extra / len(balance.tied_ranks)
+                                                  if rank in balance.tied_ranks else 0.0)
+            for group in tied:
+                expected[group] += extras / len(tied)
         for group, free in enumerate(self._free):
-            expected = counts[group] + (extra / len(tied) if group in tied else 0.0)
-            keep.update({layer: (expected - self._fixed_count[group]) / len(free) for layer in free})
+            keep.update({layer: (expected[group] - self._fixed_count[group]) / len(free) for layer in free})
         return keep
+
+
+@dataclass(frozen=True)
+class _Balance:
+    """A path length's split over the model chunks under ``pipeline-balanced``: each chunk's
+    deterministic count, then the chunks that tie for the last layers (by rank), each such rank's
+    deterministic share of those, and the ranks that tie for the very last ones, ``extra`` of them
+    getting one more (chosen at random: every tied rank, then every tied chunk of a rank, equally likely)."""
+
+    counts: List[int]
+    tied: Dict[int, List[int]]
+    rank_extras: Dict[int, int]
+    tied_ranks: List[int]
+    extra: int
+
+
+def _water_fill(counts: List[int], caps: Sequence[int], remaining: int) -> Tuple[List[int], List[int], int]:
+    """Raises the lowest of ``counts`` (each up to its cap) one at a time until ``remaining`` are added.
+
+    Returns the deterministic counts, the indices that tie for the last units and how many of
+    them get one more (the caller chooses which).
+    """
+    counts = list(counts)
+    while remaining:
+        open_ = [i for i, cap in enumerate(caps) if counts[i] < cap]
+        level = min(counts[i] for i in open_)
+        tied = [i for i in open_ if counts[i] == level]
+        if len(tied) > remaining:
+            return counts, tied, remaining
+        for i in tied:
+            counts[i] += 1
+        remaining -= len(tied)
+    return counts, [], 0

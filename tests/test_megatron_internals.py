@@ -71,6 +71,7 @@ EXPECTED = [
     _OPTIMIZER + "clip_grad_by_total_norm_fp32",
     "megatron.core.dist_checkpointing.strategies.fully_parallel.exchange_by_distribution",
     "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+    "megatron.core.pipeline_parallel.p2p_communication._p2p_ops",
     # MOE_TRACKER
     _MOE_LOGGING + "get_moe_metrics_tracker",
     _MOE_LOGGING + "MoEMetricsTracker",
@@ -95,7 +96,7 @@ REACHED_THROUGH_THE_MODULE = [
     "_MODEL_PARALLEL_RNG_TRACKER_NAME", "_get_cuda_rng_state", "_set_cuda_rng_state",
     "_build_model_and_main_param_groups", "exchange_by_distribution", "maybe_move_tensor_to_cpu",
     "moe_logging", "get_moe_metrics_tracker", "MoEMetricsTracker", "default_layer_spec", "compile_helpers",
-    "dist_utils", "_ParamAndGradBucketGroup", "_ParamAndGradBuffer", "set_jit_fusion_options",
+    "dist_utils", "_ParamAndGradBucketGroup", "_ParamAndGradBuffer", "set_jit_fusion_options", "_p2p_ops",
 ]
 
 

@@ -216,14 +216,17 @@ METHODS = {"raptr": ["--raptr-schedule", "2@0,4@10"], "stacking": ["--stacking-s
 # Megatron-LM's validation iterator moves on between evaluations, pretrain_raptr.py's restarts.
 BOTH_LOOPS = ["--train-iters", "20", "--eval-interval", "20", "--use-cpu-initialization"]
 LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--raptr-verify-sync", "1"],
-           "pp2": ["--pipeline-model-parallel-size", "2", "--raptr-verify-sync", "1"]}
+           "pp2": ["--pipeline-model-parallel-size", "2", "--raptr-verify-sync", "1"],
+           # Layers 1 and 3 on rank 0, 2 and 4 on rank 1: the growth copies across virtual stages.
+           "vpp": ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+                   "--raptr-verify-sync", "1"]}
 
 
 @pytest.fixture(scope="module")
 def methods(tmp_path_factory):
     """Each method through both loops on 2 ranks (DP=2); gradual stacking in Megatron-LM's loop also
-    saved at its growth boundary, resumed there, continued under TP=2 and PP=2, and trained with
-    the distributed optimizer."""
+    saved at its growth boundary, resumed there, continued under TP=2 and PP=2 (also with virtual
+    stages), and trained with the distributed optimizer."""
     from tests.test_pretrain import _pretrain_each
 
     tmp = tmp_path_factory.mktemp("methods")
@@ -271,7 +274,8 @@ def test_both_loops_write_the_same_records(methods, method):
 
 def test_stacking_grows_megatron_lm_model_and_optimizer(methods):
     """Gradual stacking in Megatron-LM's loop resumes exactly across its growth boundary (the checkpoint
-    holds layers 3-4 unborn), and continues under TP=2 and PP=2; the distributed optimizer's growth
+    holds layers 3-4 unborn), and continues under TP=2 and PP=2, also with 2 virtual stages per rank
+    (growing across them); the distributed optimizer's growth
     (sharded moments) trains as the regular optimizer's."""
     train = lambda name: _records(methods, name)[0]  # noqa: E731
     reference = train("megatron-lm-stacking")
@@ -280,7 +284,7 @@ def test_stacking_grows_megatron_lm_model_and_optimizer(methods):
         for record in train(name):
             assert record == dict(reference[record["iteration"] - 1], elapsed_s=record["elapsed_s"]), name
     assert len(train("stacking-resumed")) == 10
-    for name in ("stacking-tp2", "stacking-pp2"):
+    for name in ("stacking-tp2", "stacking-pp2", "stacking-vpp"):
         continued = train(name)
         assert [r["active_layers"] for r in continued] == [[1, 2, 3, 4]] * 10
         assert [r["lm_loss"] for r in continued] == pytest.approx([r["lm_loss"] for r in reference[10:]], rel=2e-5)
@@ -323,3 +327,32 @@ def test_refuses_what_raptr_cannot_run_before_any_work(flags, settings, message)
             megatron_lm.setup(args)
     finally:
         global_vars.unset_global_variables()
+
+
+def test_virtual_pipeline_stages_continue_a_plain_pipeline_run(tmp_path):
+    """PP=2 saved at 4, continued with 2 virtual stages per rank: the plain run's losses (Megatron-LM's
+    checkpoint reshards onto the chunks). Balanced paths put one layer in each of the 4 virtual stages."""
+    ckpt = str(tmp_path / "ckpt")
+    pp2 = ["--pipeline-model-parallel-size", "2", "--raptr-verify-sync", "1"]
+    vpp = [*pp2, "--num-virtual-stages-per-pipeline-rank", "2"]
+    balanced = ["--num-layers", "8", "--raptr-schedule", "4@0", "--raptr-sampling", "pipeline-balanced",
+                "--num-layers-per-virtual-pipeline-stage", "2"]
+    ranks = run_distributed(_train_each, 2, [
+        _argv(tmp_path, "pp2", *RAPTR, *pp2),
+        _argv(tmp_path, "pp2-first-half", *RAPTR, *pp2, "--save", ckpt, "--save-interval", "4", "--exit-interval", "4"),
+        _argv(tmp_path, "vpp-resumed", *RAPTR, *vpp, "--load", ckpt),
+        _argv(tmp_path, "vpp-balanced", *pp2, *balanced),
+    ])
+    reference, _ = _records(tmp_path, "pp2")
+    resumed, _ = _records(tmp_path, "vpp-resumed")
+    assert [r["iteration"] for r in resumed] == [5, 6, 7, 8]
+    assert [r["active_layers"] for r in resumed] == [r["active_layers"] for r in reference[4:]]
+    assert [r["lm_loss"] for r in resumed] == pytest.approx([r["lm_loss"] for r in reference[4:]], rel=2e-5)
+    for rank, runs in enumerate(ranks):
+        assert runs[2][0]["layers"] == [1 + rank, 3 + rank]  # virtual stage v of rank r: layer 2v + r + 1
+        for step, record in zip(runs[2], resumed):
+            assert step["with_grad"] == [layer for layer in step["layers"] if layer in record["active_layers"]]
+    train, _ = _records(tmp_path, "vpp-balanced")
+    assert len({tuple(r["active_layers"]) for r in train}) > 1
+    for record in train:
+        assert sorted((layer - 1) // 2 for layer in record["active_layers"]) == [0, 1, 2, 3], record

@@ -1,5 +1,5 @@
 """Every method end to end through pretrain() on 1-2 CPU processes: gradual stacking and progressive
-layer dropping resume exactly and continue under TP=2, PP=2 and DP=2 (distributed optimizer, overlapped
+layer dropping resume exactly and continue under TP=2, PP=2 (also with virtual stages) and DP=2 (distributed optimizer, overlapped
 gradient reduction); RaPTr and stacking checkpoints continue as full-model training; FLOPs follow the path.
 All runs share two launches (one per world size), made once for the module."""
 
@@ -21,6 +21,9 @@ PLD_8_LAYERS = ["--num-layers", "8", "--pld-theta", "0.5", "--pld-gamma", "0.02"
 RAPTR_TO_FULL = ["--raptr-schedule", "2@0,4@0.5", "--train-iters", "8"]
 LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--raptr-verify-sync", "1"],
            "pp2": ["--pipeline-model-parallel-size", "2", "--raptr-verify-sync", "1"],
+           # Layers 1 and 3 on rank 0, 2 and 4 on rank 1: growth copies across virtual stages.
+           "vpp": ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+                   "--raptr-verify-sync", "1"],
            "dp2": ["--overlap-grad-reduce"]}
 
 

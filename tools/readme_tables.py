@@ -153,10 +153,23 @@ def adam_steps(beta95, beta999):
 
 
 def pipeline(path):
-    rows = [[row["pp"], row["path"], *(f"{slowest:.2f} ({row['path'] / row['pp'] / slowest:.2f})"
-                                       for slowest in row["slowest_stage_layers"].values())]
+    rows = [[row["pp"], row["vp"], row["path"], *(f"{slowest:.2f} ({row['path'] / row['pp'] / slowest:.2f})"
+                                                  for slowest in row["slowest_stage_layers"].values())]
             for row in load(path)["analytic"]]
-    return table(["PP", "path", "bernoulli", "fixed-size", "pipeline-balanced"], rows)
+    return table(["PP", "virtual stages per rank", "path", "bernoulli", "fixed-size", "pipeline-balanced"], rows)
+
+
+def pipeline_measured(*paths):
+    rows = []
+    for path in paths:
+        study = load(path)
+        fixed, balanced = study["measured"]["fixed-size"], study["measured"]["pipeline-balanced"]
+        rows.append([study["settings"]["virtual_stages"],
+                     *(f"{r['step_ms']:.1f} ms ({r['slowest_stage_layers']:.2f})" for r in (fixed, balanced)),
+                     f"{fixed['step_ms'] / balanced['step_ms']:.3f}",
+                     f"{fixed['slowest_stage_layers'] / balanced['slowest_stage_layers']:.3f}"])
+    return table(["PP=2, virtual stages per rank", "fixed-size (layers on the slowest rank)", "pipeline-balanced",
+                  "fixed / balanced, measured", "FLOPs ideal"], rows)
 
 
 def quickstart(*paths):
@@ -184,6 +197,8 @@ TABLES = {
     "adam-steps": (adam_steps, ["examples/study_adam_steps/beta2-0.95/results.json",
                                 "examples/study_adam_steps/beta2-0.999/results.json"]),
     "pipeline": (pipeline, ["examples/benchmarks/bench_pipeline_analytic.json"]),
+    "pipeline-measured": (pipeline_measured, ["examples/benchmarks/bench_pipeline_pp2_vp1.json",
+                                              "examples/benchmarks/bench_pipeline_pp2_vp2.json"]),
     "quickstart": (quickstart, list(QUICKSTART_RUNS)),
 }
 

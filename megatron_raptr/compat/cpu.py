@@ -13,7 +13,8 @@ moves tensors with `.cuda()` and checks `tensor.type() == 'torch.cuda.FloatTenso
   groups, without one; their streams, memory statistics and cache are no-ops;
 * the Megatron functions in `_patch_tensor_checks` run with CPU tensors passing for
   CUDA ones (`.type()` names, `.cuda()`);
-* the RNG tracker and activation recompute keep CPU generator states.
+* the RNG tracker and activation recompute keep CPU generator states;
+* pipeline sends overlapped with compute (the interleaved schedule) send a copy.
 
 The private or undocumented names patched are reached through megatron_raptr.megatron_internals,
 which install() checks first (its CPU group); the public ones are looked up defensively, so a
@@ -334,6 +335,21 @@ def _patch_moe_host_copies():
     internals.maybe_move_tensor_to_cpu.replace(to_host_on_cpu)
 
 
+def _patch_overlapped_p2p_sends() -> None:
+    """The interleaved schedule, overlapping p2p with compute, frees a sent output's storage
+    (deallocate_output_tensor) before it waits for the send. On a GPU the caching allocator
+    orders that after the send on its stream; gloo reads the memory in the background, from
+    then on freed. The send's pending work keeps a copy alive instead."""
+    original = internals.p2p_ops.get()
+
+    @functools.wraps(original)
+    def p2p_ops(*, tensor_send_prev, tensor_send_next, **kwargs):
+        return original(tensor_send_prev=None if tensor_send_prev is None else tensor_send_prev.clone(),
+                        tensor_send_next=None if tensor_send_next is None else tensor_send_next.clone(), **kwargs)
+
+    internals.p2p_ops.replace(p2p_ops)
+
+
 def install() -> None:
     """Adapt Megatron-Core to the CPU. Idempotent. Call before seeding Megatron's RNG
     tracker (initialize_distributed does), and only without CUDA."""
@@ -348,6 +364,7 @@ def install() -> None:
     _patch_tensor_checks()
     _patch_rng()
     _patch_moe_host_copies()
+    _patch_overlapped_p2p_sends()
     _installed = True
 
 

@@ -93,6 +93,12 @@ def _add_parallel_args(parser):
     group = parser.add_argument_group("parallelism")
     group.add_argument("--tensor-model-parallel-size", type=int, default=1)
     group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                       help="interleaved pipeline schedule: each pipeline rank holds several model chunks (virtual "
+                            "stages) of this many layers")
+    group.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                       help="interleaved pipeline schedule: the number of model chunks (virtual stages) per pipeline "
+                            "rank (exclusive with --num-layers-per-virtual-pipeline-stage)")
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--overlap-grad-reduce", action="store_true")
@@ -302,6 +308,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.num_layers % args.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
                          f"{args.pipeline_model_parallel_size}")
+    _validate_virtual_pipeline_args(args)
     _validate_moe_args(args)
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
@@ -324,6 +331,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
     args.num_microbatches = args.global_batch_size // micro_batches_per_step
+    if args.virtual_pipeline_model_parallel_size and args.num_microbatches % args.pipeline_model_parallel_size:
+        # Megatron's interleaved schedule runs the microbatches in groups of PP.
+        raise ValueError(f"--global-batch-size {args.global_batch_size}: the interleaved pipeline schedule (virtual "
+                         f"stages) needs a number of microbatches that is a multiple of --pipeline-model-parallel-size "
+                         f"{args.pipeline_model_parallel_size}; it is {args.num_microbatches} (global batch / "
+                         f"(--micro-batch-size {args.micro_batch_size} x data-parallel size {args.data_parallel_size}))")
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
     if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be less than --lr-decay-iters "
@@ -336,7 +349,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer")
     if args.load:  # a checkpoint this layout cannot load
         checked = checkpointing.check_resumable(args.load, args.tensor_model_parallel_size,
-                                                args.pipeline_model_parallel_size, args.use_distributed_optimizer)
+                                                args.pipeline_model_parallel_size, args.use_distributed_optimizer,
+                                                args.virtual_pipeline_model_parallel_size)
         if checked is not None:
             _check_resumed_lr_schedule(args, *checked)
     if args.skip_train and not (args.load and args.eval_iters):
@@ -361,6 +375,31 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except ImportError:
             raise ValueError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
     args.raptr = build_schedule(args)  # the run's path schedule, whatever the method
+
+
+def _validate_virtual_pipeline_args(args: argparse.Namespace) -> None:
+    """Sets args.virtual_pipeline_model_parallel_size (None: the plain pipeline schedule) from
+    Megatron-LM's two virtual pipeline flags."""
+    per_stage, stages = args.num_layers_per_virtual_pipeline_stage, args.num_virtual_stages_per_pipeline_rank
+    args.virtual_pipeline_model_parallel_size = None
+    if per_stage is None and stages is None:
+        return
+    if per_stage is not None and stages is not None:
+        raise ValueError("--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank are "
+                         "exclusive: give one")
+    flag, value = (("--num-layers-per-virtual-pipeline-stage", per_stage) if per_stage is not None
+                   else ("--num-virtual-stages-per-pipeline-rank", stages))
+    if value < 1:
+        raise ValueError(f"{flag} must be positive, got {value}")
+    if args.pipeline_model_parallel_size == 1:
+        raise ValueError(f"{flag}: virtual pipeline stages need --pipeline-model-parallel-size > 1")
+    layers_per_rank = args.num_layers // args.pipeline_model_parallel_size
+    if layers_per_rank % value:
+        raise ValueError(f"{flag} {value} does not divide the {layers_per_rank} layers of each pipeline rank "
+                         f"(--num-layers {args.num_layers} / --pipeline-model-parallel-size "
+                         f"{args.pipeline_model_parallel_size})")
+    stages = stages if stages is not None else layers_per_rank // per_stage
+    args.virtual_pipeline_model_parallel_size = stages if stages > 1 else None
 
 
 def _validate_moe_args(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ sentence-order head swaps two spans of them).
 import argparse
 from collections import OrderedDict
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -223,13 +223,13 @@ def build_datasets(args: argparse.Namespace, bert_tokenizer: BertTokenizer):
     return data.build_split_datasets(MockBertDataset if config.mock else BertDataset, config, args)
 
 
-def build_model(args: argparse.Namespace, config: TransformerConfig) -> BertModel:
-    """This pipeline stage's BERT with RaPTr-gated layers (unwrapped)."""
+def build_model(args: argparse.Namespace, config: TransformerConfig, vp_stage: Optional[int] = None) -> BertModel:
+    """This pipeline stage's BERT (its chunk of virtual stage `vp_stage`) with RaPTr-gated layers (unwrapped)."""
     return BertModel(
         transformer_layer_spec=get_bert_raptr_layer_spec(),
         num_tokentypes=2 if args.bert_binary_head else 0,
         add_binary_head=args.bert_binary_head,
-        **language_model_kwargs(args, config),
+        **language_model_kwargs(args, config, vp_stage),
     )
 
 

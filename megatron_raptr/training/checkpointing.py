@@ -160,7 +160,8 @@ def load_checkpoint(
     there. fully_parallel: each replicated shard is read by one DP rank and sent to the
     others. Collective."""
     layout = _layout()
-    checked = check_resumable(load_dir, layout["tp"], layout["pp"], optimizer.config.use_distributed_optimizer)
+    checked = check_resumable(load_dir, layout["tp"], layout["pp"], optimizer.config.use_distributed_optimizer,
+                              layout.get("vp"))
     if checked is None:
         return None
     path, common = checked
@@ -204,7 +205,8 @@ def load_checkpoint(
     return loaded["state"]
 
 
-def check_resumable(load_dir: str, tp: int, pp: int, distributed_optimizer: bool) -> Optional[tuple]:
+def check_resumable(load_dir: str, tp: int, pp: int, distributed_optimizer: bool,
+                    virtual_stages: Optional[int] = None) -> Optional[tuple]:
     """(directory, common state) of the latest checkpoint under `load_dir` if a run with
     these settings can load it; None when there is none. Raises RuntimeError naming --load
     when it cannot."""
@@ -219,11 +221,14 @@ def check_resumable(load_dir: str, tp: int, pp: int, distributed_optimizer: bool
             "--use-distributed-optimizer; resume with the same setting"
         )
     saved = common["layout"]
-    if distributed_optimizer and _saved_sharding_type(common) == PER_RANK and (saved["tp"], saved["pp"]) != (tp, pp):
+    # Virtual stages split a rank's parameters into one buffer per model chunk.
+    if distributed_optimizer and _saved_sharding_type(common) == PER_RANK and \
+            (saved["tp"], saved["pp"], saved.get("vp")) != (tp, pp, virtual_stages):
         raise RuntimeError(
             f"--load {load_dir}: {path} holds the distributed optimizer's state per DP rank, which loads only "
             f"under its --tensor-model-parallel-size {saved['tp']} and --pipeline-model-parallel-size "
-            f"{saved['pp']} (this run: {tp} and {pp}). Resume under those sizes and save with "
+            f"{saved['pp']} (this run: {tp} and {pp}), with {saved.get('vp') or 'no'} virtual stages per rank "
+            f"(this run: {virtual_stages or 'none'}). Resume under those sizes and save with "
             "--dist-ckpt-optim-fully-reshardable, then change the layout."
         )
     return path, common
@@ -338,12 +343,16 @@ def _padded_vocab_size(model: List[torch.nn.Module]) -> int:
 
 def _layout() -> dict:
     """What the RNG shards depend on: the parallel sizes and the device type."""
-    return {
+    layout = {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    # Virtual stages consume a rank's RNG streams in another order. Absent without them, as in
+    # checkpoints saved before they were supported.
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    return layout if virtual is None else dict(layout, vp=virtual)
 
 
 def _rng_state() -> ShardedObject:

@@ -14,7 +14,7 @@ from megatron_raptr.training import bert, data, gpt, tokenizer
 @dataclass(frozen=True)
 class ModelFamily:
     build_tokenizer: Callable  # (args) -> tokenizer for the datasets; its vocab_size sizes the model
-    build_model: Callable  # (args, config) -> this pipeline stage's model, unwrapped
+    build_model: Callable  # (args, config, vp_stage) -> this pipeline stage's model (chunk), unwrapped
     build_datasets: Callable  # (args, tokenizer) -> (train, valid)
     forward_step: Callable  # Megatron's forward_step_func: (data_iterator, model) -> (output, loss_func)
     head_flops_per_token: Callable  # (args, config) -> forward FLOPs of heads besides the output layer

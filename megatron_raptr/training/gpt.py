@@ -2,7 +2,7 @@
 
 import argparse
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -13,22 +13,25 @@ from megatron_raptr.layer import get_gpt_raptr_block_spec
 from megatron_raptr.training import data
 
 
-def language_model_kwargs(args: argparse.Namespace, config: TransformerConfig) -> dict:
-    """What Megatron-Core's GPTModel and BertModel take alike from the flags, for this pipeline stage."""
+def language_model_kwargs(args: argparse.Namespace, config: TransformerConfig, vp_stage: Optional[int]) -> dict:
+    """What Megatron-Core's GPTModel and BertModel take alike from the flags, for this pipeline stage's
+    model chunk of virtual stage `vp_stage` (None without virtual stages)."""
     return dict(
         config=config,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
     )
 
 
-def build_model(args: argparse.Namespace, config: TransformerConfig) -> GPTModel:
-    """This pipeline stage's GPT with RaPTr-gated layers (unwrapped)."""
-    return GPTModel(transformer_layer_spec=get_gpt_raptr_block_spec(config), **language_model_kwargs(args, config))
+def build_model(args: argparse.Namespace, config: TransformerConfig, vp_stage: Optional[int] = None) -> GPTModel:
+    """This pipeline stage's GPT (its chunk of virtual stage `vp_stage`) with RaPTr-gated layers (unwrapped)."""
+    return GPTModel(transformer_layer_spec=get_gpt_raptr_block_spec(config, vp_stage=vp_stage),
+                    **language_model_kwargs(args, config, vp_stage))
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):

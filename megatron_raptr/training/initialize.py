@@ -43,9 +43,11 @@ def initialize_distributed(
     timeout_minutes: int = 10,
     expert_model_parallel_size: int = 1,
     expert_tensor_parallel_size: Optional[int] = None,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
 ) -> None:
     """Join the torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
-    build Megatron's model-parallel groups (expert-parallel ones too) and seed every RNG as Megatron-LM does.
+    build Megatron's model-parallel groups (expert-parallel ones too; virtual pipeline stages:
+    the interleaved schedule) and seed every RNG as Megatron-LM does.
 
     Without torchrun variables it runs as a single process. Idempotent for equal sizes.
     """
@@ -91,15 +93,18 @@ def initialize_distributed(
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         )
-        if current != (tp, pp):
+        if current != (tp, pp, virtual_pipeline_model_parallel_size):
             raise RuntimeError(
-                f"model parallelism already initialised with (tp, pp) = {current}, not {(tp, pp)}"
+                f"model parallelism already initialised with (tp, pp, virtual pp) = {current}, "
+                f"not {(tp, pp, virtual_pipeline_model_parallel_size)}"
             )
     else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
             expert_model_parallel_size=expert_model_parallel_size,
             expert_tensor_parallel_size=expert_tensor_parallel_size,

@@ -1,6 +1,7 @@
 """The pretraining loop: Megatron-Core's schedules, one path per global step (RaPTr, gradual
 stacking, progressive layer dropping or the full model: megatron_raptr/methods.py)."""
 
+import itertools
 import os
 import sys
 import time
@@ -61,6 +62,10 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
 
     def schedule_kwargs(self, data_iterator, forward_only: bool) -> dict:
+        if len(self.model) > 1:
+            # The interleaved schedule reads the step's microbatches once per model chunk (virtual stage).
+            # Each chunk reads all of them by the step's end, so nothing stays buffered between steps.
+            data_iterator = list(itertools.tee(data_iterator, len(self.model)))
         return dict(
             forward_step_func=self.family.forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
@@ -260,7 +265,7 @@ def pretrain(argv: Optional[List[str]] = None, hooks: Optional[List[StageHook]] 
 def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[ExitSignalHandler]) -> Optional[float]:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            args.distributed_timeout_minutes, args.expert_model_parallel_size,
-                           args.expert_tensor_parallel_size)
+                           args.expert_tensor_parallel_size, args.virtual_pipeline_model_parallel_size)
     try:
         data.check_token_ids(args)  # needs the process group: one rank reads the data
     except ValueError as error:

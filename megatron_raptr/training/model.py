@@ -121,6 +121,12 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        # As Megatron-LM under virtual stages: separate p2p ops, overlapped with compute. Batched ones would
+        # pair a rank's two sends to the same neighbour (PP=2: its previous and next rank) with the
+        # wrong receives there.
+        overlap_p2p_comm=args.virtual_pipeline_model_parallel_size is not None,
+        batch_p2p_comm=args.virtual_pipeline_model_parallel_size is None,
         sequence_parallel=args.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -161,14 +167,11 @@ def moe_config(args: argparse.Namespace) -> dict:
 
 
 def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[torch.nn.Module]:
-    """This rank's model chunk (--model) with RaPTr-gated layers, wrapped in Megatron DDP.
+    """This rank's model chunks (--model) with RaPTr-gated layers, each wrapped in Megatron DDP: one
+    chunk, or one per virtual pipeline stage (the interleaved schedule).
 
     The baseline uses the same model: its path is simply every layer at every step.
     """
-    model = model_family(args).build_model(args, config)
-    model.to(current_device())
-    if args.bf16 or args.fp16:
-        model = Float16Module(config, model)  # casts inputs to half, the last stage's output to fp32
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         overlap_grad_reduce=args.overlap_grad_reduce,
@@ -176,8 +179,16 @@ def build_model(args: argparse.Namespace, config: TransformerConfig) -> List[tor
         bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    ddp = RaptrDistributedDataParallel(config, ddp_config, model, skip_idle_grad_comm=args.raptr_skip_grad_comm)
-    return [ddp]
+    chunks = []
+    virtual_stages = args.virtual_pipeline_model_parallel_size
+    for vp_stage in range(virtual_stages) if virtual_stages else [None]:
+        model = model_family(args).build_model(args, config, vp_stage)
+        model.to(current_device())
+        if args.bf16 or args.fp16:
+            model = Float16Module(config, model)  # casts inputs to half, the last stage's output to fp32
+        chunks.append(RaptrDistributedDataParallel(config, ddp_config, model,
+                                                   skip_idle_grad_comm=args.raptr_skip_grad_comm))
+    return chunks
 
 
 def build_optimizer(
@@ -217,7 +228,7 @@ def build_optimizer(
         lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
     # Megatron's schedules drive gradient sync through these hooks.
-    config.no_sync_func = model[0].no_sync
+    config.no_sync_func = model[0].no_sync if len(model) == 1 else [chunk.no_sync for chunk in model]
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return optimizer, scheduler
