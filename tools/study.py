@@ -173,7 +173,9 @@ def hold_out(train: Path, fraction: float, data_dir: Path) -> Tuple[Path, Path]:
         lines = train.read_text().splitlines(keepends=True)
         out = [fetch_corpus.is_valid_document("heldout", json.loads(line)["id"], fraction) for line in lines]
         kept.write_text("".join(line for line, o in zip(lines, out) if not o))
-        held.write_text("".join(line for line, o in zip(lines, out) if o))
+        partial = held.with_suffix(".partial")  # heldout.jsonl, written last, marks a finished split
+        partial.write_text("".join(line for line, o in zip(lines, out) if o))
+        partial.replace(held)
     return kept, held
 
 
