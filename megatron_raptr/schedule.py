@@ -185,13 +185,21 @@ def growing_stages(num_layers: int, fraction: float, num_stages: int, first: int
         raise ValueError(f"{FLAG}: {num_stages} stages from {first} of {num_layers} layers do not grow")
     # Rounded to whole layers (fixed-size sampling needs them); a length rounding repeats is one stage.
     lengths = sorted({round(first + (num_layers - first) * k / (num_stages - 1)) for k in range(num_stages)})
-    saved = sum(num_layers - length for length in lengths[:-1])
+    return equal_stages(num_layers, fraction, lengths[:-1],
+                        f"growing from {first} of {num_layers} layers in {num_stages} stages")
+
+
+def equal_stages(num_layers: int, fraction: float, lengths: Sequence[int], shape: str, flag: str = FLAG) -> str:
+    """Stages ``LENGTH@START,...``: the growing ``lengths``, equally long, then the full model for the
+    rest, spending ``fraction`` of full training's transformer-layer FLOPs; ``shape`` names them in errors."""
+    saved = sum(num_layers - length for length in lengths)
     duration = (1.0 - fraction) * num_layers / saved
-    if duration * (len(lengths) - 1) >= 1.0:
-        lowest = 1.0 - saved / ((len(lengths) - 1) * num_layers)
-        raise ValueError(f"{FLAG}: growing from {first} of {num_layers} layers in {num_stages} stages spends at "
-                         f"least {lowest:.3f} of full training's layer FLOPs, more than {fraction:g}")
-    return ",".join(f"{length}@{k * duration:.4f}" if k else f"{length}@0" for k, length in enumerate(lengths))
+    if duration * len(lengths) >= 1.0:
+        lowest = 1.0 - saved / (len(lengths) * num_layers)
+        raise ValueError(f"{flag}: {shape} spends at least {lowest:.3f} of full training's layer FLOPs, "
+                         f"more than {fraction:g}")
+    return ",".join(f"{length}@{k * duration:.4f}" if k else f"{length}@0"
+                    for k, length in enumerate([*lengths, num_layers]))
 
 
 def parse_stages(text: str, train_iters: int, flag: str) -> Tuple[Stage, ...]:

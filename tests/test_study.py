@@ -2,6 +2,7 @@
 --multiple-validation-sets (which the study uses)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,154 @@ def test_budgets_and_variants(study):
     argv[argv.index("two-stage=--raptr-schedule 3@0,6@0.5 --raptr-scaling none")] = "two-stage=--raptr-scaling none"
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "give the variant another name" in result.stderr
+
+
+# The held-out protocol, the best dense model and the FLOPs frontier, with training replaced by losses
+# made up per (method, LR, seed): their choices are then known in advance.
+
+sys.path.insert(0, str(ROOT / "tools"))
+import study as study_tool  # noqa: E402
+
+SELECTION, REPORT, LRS = [1, 2], [11, 12], [1e-3, 2e-3, 4e-3]
+FLOPS = {"baseline": 6, "raptr": 4.5, "dense-3": 3, "dense-4": 4, "auto-0.6": 3.6, "auto-0.9": 5.4,
+         "stacking-0.6": 3.6, "stacking-0.9": 5.4}  # per step
+LOSS = {"baseline": 3.0, "raptr": 3.2, "baseline-equal-flops": 3.3, "dense-3": 3.4, "dense-4": 3.25,
+        "auto-0.6": 3.1, "auto-0.9": 2.99, "stacking-0.6": 3.5, "stacking-0.9": 3.05}
+
+
+def made_up_loss(method, lr, seed):
+    """Lowest at 2e-3 on the selection seeds, at 4e-3 on the report seeds: only a choice made on the
+    selection seeds picks 2e-3."""
+    best = 2e-3 if seed in SELECTION else 4e-3
+    return LOSS[method] + abs(math.log2(lr / best)) * 0.1 + seed * 1e-4
+
+
+def fake_train_and_evaluate(preset, data, run, run_dir, jobs, source_eval):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lr = run.lr or preset.lr
+    loss = made_up_loss(run.method, lr, run.seed)
+    flops = run.iters * FLOPS.get(run.method, 6)
+    records = [{"iteration": i, "lm_loss": loss + 1 / i, "cumulative_flops": flops * i / run.iters,
+                "elapsed_s": i, "stage": 0} for i in range(1, run.iters + 1)]
+    records += [{"iteration": run.iters, "val_loss": loss}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = {"method": run.method, "seed": run.seed, "iterations": run.iters, "flags": list(run.flags),
+              "model": preset.model(), "lr": lr, "final_val_loss": loss, "total_flops": flops, "wall_s": 1.0,
+              "val_loss_by_source": {}}
+    if "heldout" in data:
+        result["heldout_val_loss"] = loss + 0.5
+    return result
+
+
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory):
+    out = tmp_path_factory.mktemp("protocol")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(study_tool, "train_and_evaluate", fake_train_and_evaluate)
+    patch.setattr(study_tool, "prepare_data", lambda preset, corpus, data_dir, heldout: dict(
+        {"train": "train", "valid": "valid"}, **({"heldout": "heldout"} if heldout else {})))
+    try:
+        study_tool.main(["--preset", "smoke", "--iters", "10", "--output-dir", str(out), "--methods", "baseline",
+                         "raptr", "baseline-equal-flops", "--dense-depths", "3", "4", "--frontier", "0.6", "0.9",
+                         "--lrs", *map(str, LRS), "--selection-seeds", *map(str, SELECTION),
+                         "--report-seeds", *map(str, REPORT)])
+    finally:
+        patch.undo()
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_protocol_chooses_lrs_on_selection_seeds_and_reports_on_others(protocol):
+    out, results = protocol
+    methods = set(LOSS)
+    assert results["protocol"]["selection_seeds"] == SELECTION and results["protocol"]["report_seeds"] == REPORT
+    assert results["protocol"]["chosen_lr"] == {"10": {m: 2e-3 for m in methods}}
+    selection, report = results["selection_runs"], results["runs"]
+    assert {(r["method"], r["seed"], r["lr"]) for r in selection} == {
+        (m, s, lr) for m in methods for s in SELECTION for lr in LRS}
+    assert {(r["method"], r["seed"], r["lr"]) for r in report} == {(m, s, 2e-3) for m in methods for s in REPORT}
+    # The held-out set is evaluated for the report runs alone: no choice can have looked at it.
+    assert all("heldout_val_loss" not in r for r in selection)
+    assert all(r["heldout_val_loss"] == pytest.approx(made_up_loss(r["method"], 2e-3, r["seed"]) + 0.5)
+               for r in report)
+    table = (out / "results.md").read_text()
+    assert "**LR sweep, 10 iterations**" in table and "| baseline | 3.1" in table
+    for name in ("loss_vs_flops.png", "frontier.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_dense_model_for_the_compute(protocol):
+    """RaPTr's compute (0.75 of the full model's) buys the full model on equal FLOPs, dense-3 and dense-4,
+    not the full model: dense-4 has the lowest loss of those."""
+    _, results = protocol
+    assert results["best_dense"]["10"]["raptr"] == "dense-4"
+    assert results["best_dense"]["10"]["auto-0.9"] == "dense-4"  # 0.9 buys no more: the full model spends 1
+    assert results["best_dense"]["10"]["auto-0.6"] == "dense-3"  # the only one as cheap
+    for run in (r for r in results["runs"] if r["method"] == "raptr"):
+        dense = next(r for r in results["runs"] if r["method"] == "dense-4" and r["seed"] == run["seed"])
+        assert run["delta_vs_best_dense"] == pytest.approx(run["heldout_val_loss"] - dense["heldout_val_loss"])
+    groups = {"baseline": (1.0, 3.0), "dense-3": (0.5, 3.4), "dense-4": (0.67, 3.25), "raptr": (0.75, 3.2)}
+    assert study_tool.best_dense(groups, 0.75) == "dense-4"
+    assert study_tool.best_dense(groups, 0.4) is None
+
+
+def test_frontier_is_the_smallest_fraction_reaching_the_full_model(protocol):
+    assert study_tool.frontier({0.4: 3.1, 0.5: 2.95, 0.6: 3.0, 0.75: 2.9}, 2.96) == 0.5
+    assert study_tool.frontier({0.5: 3.1, 0.75: 3.0}, 2.96) is None
+    frontier = protocol[1]["frontier"]["10"]
+    assert frontier["target"] == pytest.approx(3.6 + 0.00115)  # the baseline's held-out loss, report seeds
+    assert frontier["auto_reaches_at"] == 0.9 and frontier["stacking_reaches_at"] is None
+
+
+def test_stacking_at_a_fraction_spends_it():
+    from megatron_raptr.stacking import StackingSchedule
+
+    assert study_tool.stacking_stages(12, 0.75) == "3@0,6@0.2000,12@0.4000"
+    for fraction in (0.4, 0.5, 0.6, 0.75):
+        schedule = StackingSchedule.parse(study_tool.stacking_stages(12, fraction), 12, 3000)  # doubles at most
+        assert schedule.expected_layer_fraction(3000) == pytest.approx(fraction, abs=1e-3)
+    with pytest.raises(ValueError, match="--stacking-schedule: stacking 2 -> 3 -> 6 layers spends at least 0.417"):
+        study_tool.stacking_stages(6, 0.4)
+
+
+def test_protocol_flags_are_checked(tmp_path):
+    def error(*argv):
+        with pytest.raises(SystemExit):
+            study_tool.main(["--preset", "smoke", "--output-dir", str(tmp_path), *argv])
+    error("--lrs", "1e-3", "2e-3", "--selection-seeds", "1", "--report-seeds", "2")  # fewer than 3
+    error("--lrs", "1e-3", "2e-3", "3e-3", "--selection-seeds", "1", "--report-seeds", "2")  # not 2x
+    error("--lrs", "1e-3", "2e-3", "4e-3", "--selection-seeds", "1", "--report-seeds", "1")  # shared seed
+    error("--selection-seeds", "1", "--report-seeds", "2")  # without --lrs
+    error("--frontier", "0.4")  # below auto:F's floor for 6 layers
+
+
+def test_hold_out_carves_documents_out_of_training(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"wiki/{i}", "text": str(i)}) + "\n" for i in range(400)))
+    kept, held = study_tool.hold_out(train, 0.1, tmp_path)
+    kept_ids = [json.loads(line)["id"] for line in kept.read_text().splitlines()]
+    held_ids = [json.loads(line)["id"] for line in held.read_text().splitlines()]
+    assert sorted(kept_ids + held_ids) == sorted(f"wiki/{i}" for i in range(400)) and 20 < len(held_ids) < 60
+
+
+def test_a_dense_run_trains_and_is_evaluated_at_its_depth_and_lr(tmp_path, monkeypatch):
+    """The evaluation leaves the method's flags out: a dense-L run's depth must reach it all the same."""
+    launched = []
+
+    def fake_launch(preset, argv, log, jobs):
+        launched.append(argv)
+        records = ([{"valid_set": "valid_text_document", "val_loss": 2.0},
+                    {"valid_set": "heldout_text_document", "val_loss": 2.5}] if "--skip-train" in argv else
+                   [{"iteration": 4, "lm_loss": 2.0, "cumulative_flops": 1.0, "elapsed_s": 1.0, "stage": 0},
+                    {"iteration": 4, "val_loss": 2.0}])
+        Path(argv[argv.index("--metrics-file") + 1]).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    monkeypatch.setattr(study_tool, "launch", fake_launch)
+    run = study_tool.Run("dense-3", 1, 4, ("--num-layers", "3"), 4, 4e-3)
+    data = {"tokenizer": "spm.model", "train": "train", "valid": "valid_text_document",
+            "heldout": "data/heldout_text_document"}
+    result = study_tool.train_and_evaluate(study_tool.PRESETS["smoke"], data, run, tmp_path / run.name, 1, False)
+    assert len(launched) == 2 and "--skip-train" in launched[1]
+    for argv in launched:  # the last of a repeated flag wins
+        assert [v for f, v in zip(argv, argv[1:]) if f == "--num-layers"][-1] == "3"
+        assert argv[argv.index("--lr") + 1] == "0.004"
+    assert result["model"]["num_layers"] == 3 and result["lr"] == 4e-3 and result["heldout_val_loss"] == 2.5
