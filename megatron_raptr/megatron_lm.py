@@ -151,7 +151,6 @@ class RaptrLoop:
     def __init__(self, args, schedule, hooks: Sequence[StageHook]):
         self.args, self.schedule, self.hooks = args, schedule, list(hooks)
         self.runtime: Optional[StepRuntime] = None
-        self.iteration = None  # completed steps, for evaluation records
         self.last_eval_iteration = None
 
     def train_step(self, original, *args, **kwargs):
@@ -167,15 +166,16 @@ class RaptrLoop:
         result = original(*args, **kwargs)
         loss_dict, grad_norm = result[0], result[5]
         self.runtime.finish(loss_dict, grad_norm, get_num_microbatches())
-        self.iteration = iteration + 1
         return result
 
     def evaluate(self, original, *args, **kwargs):
         result = original(*args, **kwargs)
         loss = result[0].get("lm loss") if result[0] else None
-        iteration = self.iteration if self.iteration is not None else self.args.iteration
+        if loss is None or self.runtime is None:  # no training step yet: nothing to record against
+            return result
+        iteration = self.runtime.path.iteration + 1  # the model after the step applied last
         # Megatron-LM evaluates again after training; one record per iteration.
-        if loss is not None and self.runtime is not None and iteration != self.last_eval_iteration:
+        if iteration != self.last_eval_iteration:
             self.last_eval_iteration = iteration
             self.runtime.record_evaluation(iteration, float(loss))
         return result
