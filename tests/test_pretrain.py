@@ -187,3 +187,17 @@ def test_command_line_names_megatron_fallbacks_once(tmp_path):
     unfused = parse_args(MODEL + ["--train-iters", "3"]).unfused
     assert output.count("Megatron-Core uses: ") == (1 if megatron_fallbacks(unfused) else 0)
     assert all(fused in output for fused in unfused)
+
+
+def test_process_group_is_torn_down_before_interpreter_exit():
+    """Left to interpreter finalization, gloo's worker threads can abort a job that succeeded (SIGABRT).
+    A handler registered before initialization runs after ours (atexit is last in, first out)."""
+    code = ("import atexit, torch.distributed as dist\n"
+            "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+            "from megatron_raptr.training.initialize import initialize_distributed\n"
+            "initialize_distributed(1, 1, seed=1)\n"
+            "print('initialized:', dist.is_initialized())\n")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "initialized: True" in result.stdout and "initialized at exit: False" in result.stdout, result.stdout

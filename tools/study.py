@@ -160,8 +160,10 @@ def launch(preset: Preset, argv: List[str], log: Path, jobs: int) -> None:
     with open(log, "a") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
-        if subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env).returncode:
-            raise RuntimeError(f"run failed; see {log}")
+        failed = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if failed:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise RuntimeError(f"run failed (exit status {failed}); the end of {log}:\n{tail}")
 
 
 def hold_out(train: Path, fraction: float, data_dir: Path) -> Tuple[Path, Path]:

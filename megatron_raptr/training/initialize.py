@@ -3,6 +3,7 @@
 Uses NCCL and one GPU per process when CUDA is available; otherwise gloo on the
 CPU, after megatron_raptr.compat.cpu.install() has adapted Megatron-Core to it.
 """
+import atexit
 import os
 import random
 import socket
@@ -88,6 +89,10 @@ def initialize_distributed(
             world_size=world_size,
             timeout=timedelta(minutes=timeout_minutes),
         )
+        # Torn down while the interpreter is whole: gloo's worker threads, left to its finalization,
+        # can abort the exit (SIGABRT, "terminate called without an active exception") after a job
+        # that succeeded.
+        atexit.register(destroy_distributed)
 
     if parallel_state.model_parallel_is_initialized():
         current = (
@@ -138,7 +143,7 @@ def megatron_fallbacks(unfused: Dict[str, str]) -> List[str]:
 
 
 def destroy_distributed() -> None:
-    """Tear down model-parallel groups and the default process group (for tests)."""
+    """Tear down model-parallel groups and the default process group (at exit; tests call it earlier)."""
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
