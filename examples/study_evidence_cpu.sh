@@ -2,18 +2,20 @@
 # The evidence study (issue 22), held-out protocol: a narrow, long-horizon GPT (the narrow-cpu preset:
 # 12 layers, hidden 64, 32 x 128 tokens a step, 3000 steps), where depth pays. Every method, the dense
 # 6- and 9-layer models trained for all 3000 steps (they spend 0.5 and 0.75 of the full model's layer
-# FLOPs, as auto:0.5 and auto:0.75 do) and the FLOPs frontier (auto:F and gradual stacking at F) is
-# trained at LRs 1e-3, 2e-3 and 4e-3 (spaced 2x) on selection seeds 1 2; each method's LR, and the best
-# dense model for each compute, are chosen there by the final loss on valid.jsonl. Then every method
-# runs at its chosen LR on report seeds 21 22 23, which no choice has used, and is reported on the
-# held-out set: 3% of the training documents, carved out of training (tools/study.py --heldout-fraction).
-# F = 0.4 is below what auto:F can spend on 12 layers (0.444), so the frontier starts at 0.45.
+# FLOPs, as auto:0.5 and auto:0.75 do) is trained at LRs 1e-3, 2e-3 and 4e-3 (spaced 2x) on selection
+# seeds 1 2; each method's LR, and the best dense model for each compute, are chosen there by the final
+# loss on valid.jsonl. Then every method, and the FLOPs frontier (auto:F at RaPTr's chosen LR, gradual
+# stacking at F at stacking's), runs at its LR on report seeds 21 22 23, which no choice has used, and is
+# reported on the held-out set: 3% of the training documents, carved out of training (tools/study.py
+# --heldout-fraction). F = 0.4 is below what auto:F can spend on 12 layers (0.444), so the frontier
+# starts at 0.45.
 #
-# Not yet run. 135 runs (15 methods x 3 LRs x 2 selection seeds, then 15 x 3 report seeds), about half
-# an hour each on 2 CPU cores (~0.7 s a step, from the cpu preset's 1 s for 1.5x its FLOPs): about
-# 60-70 hours. The study is resumable: rerun the same command (in this or a later session) and it skips
-# finished runs and resumes interrupted ones. Outputs: OUTPUT_DIR/results.{json,md}, frontier.png and
-# the loss plots; copy them to examples/study_evidence/ when done.
+# In progress. 87 runs (7 methods x 3 LRs x 2 selection seeds, then 15 x 3 report seeds), about 62
+# full-model runs' worth of compute; a full-model run takes 36 minutes beside another (0.72 s a step,
+# measured), so about 20 hours with --jobs 2. The study is resumable: rerun the same command (in this or
+# a later session) and it skips finished runs and resumes interrupted ones. Outputs:
+# OUTPUT_DIR/results.{json,md}, frontier.png and the loss plots; copy them to examples/study_evidence/
+# when done.
 #
 #   bash examples/study_evidence_cpu.sh [OUTPUT_DIR]     # default runs/study-evidence
 set -euo pipefail

@@ -133,16 +133,18 @@ sys.path.insert(0, str(ROOT / "tools"))
 import study as study_tool  # noqa: E402
 
 SELECTION, REPORT, LRS = [1, 2], [11, 12], [1e-3, 2e-3, 4e-3]
-FLOPS = {"baseline": 6, "raptr": 4.5, "dense-3": 3, "dense-4": 4, "auto-0.6": 3.6, "auto-0.9": 5.4,
+FRONTIER = ("auto-0.6", "auto-0.9", "stacking-0.6", "stacking-0.9")
+FLOPS = {"baseline": 6, "raptr": 4.5, "stacking": 4.5, "dense-3": 3, "dense-4": 4, "auto-0.6": 3.6, "auto-0.9": 5.4,
          "stacking-0.6": 3.6, "stacking-0.9": 5.4}  # per step
-LOSS = {"baseline": 3.0, "raptr": 3.2, "baseline-equal-flops": 3.3, "dense-3": 3.4, "dense-4": 3.25,
+LOSS = {"baseline": 3.0, "raptr": 3.2, "stacking": 3.15, "baseline-equal-flops": 3.3, "dense-3": 3.4, "dense-4": 3.25,
         "auto-0.6": 3.1, "auto-0.9": 2.99, "stacking-0.6": 3.5, "stacking-0.9": 3.05}
 
 
 def made_up_loss(method, lr, seed):
     """Lowest at 2e-3 on the selection seeds, at 4e-3 on the report seeds: only a choice made on the
-    selection seeds picks 2e-3."""
-    best = 2e-3 if seed in SELECTION else 4e-3
+    selection seeds picks 2e-3. (A frontier point's own lowest is at 1e-3: it is never swept, but runs
+    at its family's LR.)"""
+    best = 1e-3 if method in FRONTIER else 2e-3 if seed in SELECTION else 4e-3
     return LOSS[method] + abs(math.log2(lr / best)) * 0.1 + seed * 1e-4
 
 
@@ -172,7 +174,7 @@ def protocol(tmp_path_factory):
         {"train": "train", "valid": "valid"}, **({"heldout": "heldout"} if heldout else {})))
     try:
         study_tool.main(["--preset", "smoke", "--iters", "10", "--output-dir", str(out), "--methods", "baseline",
-                         "raptr", "baseline-equal-flops", "--dense-depths", "3", "4", "--frontier", "0.6", "0.9",
+                         "raptr", "stacking", "baseline-equal-flops", "--dense-depths", "3", "4", "--frontier", "0.6", "0.9",
                          "--lrs", *map(str, LRS), "--selection-seeds", *map(str, SELECTION),
                          "--report-seeds", *map(str, REPORT)])
     finally:
@@ -187,7 +189,7 @@ def test_protocol_chooses_lrs_on_selection_seeds_and_reports_on_others(protocol)
     assert results["protocol"]["chosen_lr"] == {"10": {m: 2e-3 for m in methods}}
     selection, report = results["selection_runs"], results["runs"]
     assert {(r["method"], r["seed"], r["lr"]) for r in selection} == {
-        (m, s, lr) for m in methods for s in SELECTION for lr in LRS}
+        (m, s, lr) for m in methods - set(FRONTIER) for s in SELECTION for lr in LRS}
     assert {(r["method"], r["seed"], r["lr"]) for r in report} == {(m, s, 2e-3) for m in methods for s in REPORT}
     # The held-out set is evaluated for the report runs alone: no choice can have looked at it.
     assert all("heldout_val_loss" not in r for r in selection)
@@ -233,15 +235,18 @@ def test_stacking_at_a_fraction_spends_it():
         study_tool.stacking_stages(6, 0.4)
 
 
-def test_protocol_flags_are_checked(tmp_path):
-    def error(*argv):
+def test_protocol_flags_are_checked(tmp_path, capsys):
+    def error(message, *argv):
         with pytest.raises(SystemExit):
             study_tool.main(["--preset", "smoke", "--output-dir", str(tmp_path), *argv])
-    error("--lrs", "1e-3", "2e-3", "--selection-seeds", "1", "--report-seeds", "2")  # fewer than 3
-    error("--lrs", "1e-3", "2e-3", "3e-3", "--selection-seeds", "1", "--report-seeds", "2")  # not 2x
-    error("--lrs", "1e-3", "2e-3", "4e-3", "--selection-seeds", "1", "--report-seeds", "1")  # shared seed
-    error("--selection-seeds", "1", "--report-seeds", "2")  # without --lrs
-    error("--frontier", "0.4")  # below auto:F's floor for 6 layers
+        assert message in capsys.readouterr().err
+    protocol = ["--lrs", "1e-3", "2e-3", "4e-3", "--selection-seeds", "1", "--report-seeds", "2"]
+    error("at least 3 LRs", "--lrs", "1e-3", "2e-3", "--selection-seeds", "1", "--report-seeds", "2")
+    error("each twice the one before", "--lrs", "1e-3", "2e-3", "3e-3", "--selection-seeds", "1", "--report-seeds", "2")
+    error("must not share a seed", "--lrs", "1e-3", "2e-3", "4e-3", "--selection-seeds", "1", "--report-seeds", "1")
+    error("belong to the held-out protocol", "--selection-seeds", "1", "--report-seeds", "2")
+    error("--frontier 0.4", "--frontier", "0.4")  # below auto:F's floor for 6 layers
+    error("needs the raptr and stacking methods", *protocol, "--methods", "baseline", "raptr", "--frontier", "0.75")
 
 
 def test_hold_out_carves_documents_out_of_training(tmp_path):

@@ -21,7 +21,9 @@ The held-out protocol (examples/study_evidence_cpu.sh; README "Loss versus compu
 loss on valid.jsonl, runs ``--report-seeds`` at it and reports them on training documents carved out
 of training (``--heldout-fraction``), which no choice sees. ``--dense-depths`` adds shallower dense
 models (and the best dense model for each method's compute); ``--frontier`` adds auto:F and stacking
-at F and the smallest F at which each reaches the full model's loss.
+at F and the smallest F at which each reaches the full model's loss. Under the protocol a frontier point
+runs at its family's chosen LR (auto:F at ``raptr``'s, stacking at F at ``stacking``'s): it varies only
+how much compute the family spends, and sweeping it too would cost 3 x 2 runs per point.
 """
 
 import argparse
@@ -459,7 +461,8 @@ def protocol_markdown(protocol: dict, choices: Dict[int, Dict[str, Optional[str]
     """The LR sweep, the best dense model for each method's compute and the FLOPs frontier."""
     lines = []
     if protocol:
-        lines += [f"Held-out protocol: every method swept over LRs {protocol['lrs']} on selection seeds "
+        lines += [f"Held-out protocol: every method (a FLOPs-frontier point: its family, raptr or stacking) swept "
+                  f"over LRs {protocol['lrs']} on selection seeds "
                   f"{protocol['selection_seeds']}; its LR and the best dense models chosen by the mean final loss "
                   "on the mixed validation set (valid.jsonl); the rows above are report seeds "
                   f"{protocol['report_seeds']} at the chosen LRs, judged on `{metric}`: {protocol['heldout']}.", ""]
@@ -550,6 +553,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"--dense-depths: depths below the preset's {preset.layers} layers")
     if args.frontier and "baseline" not in args.methods:
         parser.error("--frontier needs the baseline method (whose loss it is the frontier of)")
+    if args.frontier and protocol and not {"raptr", "stacking"} <= set(args.methods):
+        parser.error("--frontier with --lrs needs the raptr and stacking methods (whose chosen LRs it runs at)")
     for fraction in args.frontier:
         try:  # refused now rather than when the run starts
             auto_stages(f"auto:{fraction:g}", preset.layers, 2)
@@ -568,6 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     specs: Dict[str, Callable[[int], Tuple[str, ...]]] = {
         m: functools.partial(flags, m) for m in METHODS if m in args.methods and m != "baseline-equal-flops"}
     specs.update({f"dense-{d}": lambda iters, d=d: ("--num-layers", str(d)) for d in args.dense_depths})
+    family = {**{f"auto-{f:g}": "raptr" for f in args.frontier}, **{f"stacking-{f:g}": "stacking" for f in args.frontier}}
     specs.update({f"auto-{f:g}": lambda iters, f=f: ("--raptr-schedule", f"auto:{f:g}") for f in args.frontier})
     specs.update({f"stacking-{f:g}": lambda iters, f=f: ("--stacking-schedule", stacking_stages(preset.layers, f))
                   for f in args.frontier})
@@ -606,14 +612,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         if protocol:
             # The selection runs never see the held-out set: no choice can look at it.
-            selection = study(pool, args.selection_seeds, lambda method, budget: lrs,
+            selection = study(pool, args.selection_seeds, lambda method, budget: [] if method in family else lrs,
                               {k: v for k, v in data.items() if k != "heldout"})
             sweep = sweep_losses(selection, "final_val_loss")
             chosen = choose_lrs(sweep)
+            for by_method in chosen.values():
+                by_method.update({point: by_method[family[point]] for point in family})
             runs = study(pool, args.report_seeds, lambda method, budget: [chosen[budget][method]], data)
             # The best dense model for each compute is a choice too: made on the selection runs at their LRs.
-            choices = dense_choices([r for r in selection if r["lr"] == chosen[r["budget"]][r["method"]]],
-                                    "final_val_loss")
+            # The frontier's report runs add their FLOPs alone (a choice reads only dense models' losses).
+            choices = dense_choices([r for r in selection if r["lr"] == chosen[r["budget"]][r["method"]]]
+                                    + [r for r in runs if r["method"] in family], "final_val_loss")
             record["protocol"] = {
                 "lrs": lrs, "selection_seeds": args.selection_seeds, "report_seeds": args.report_seeds,
                 "heldout_fraction": args.heldout_fraction,
