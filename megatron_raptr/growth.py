@@ -78,7 +78,7 @@ def grow(model: ModelChunks, optimizer: MegatronOptimizer, layout: Union[Pipelin
 def _state_keys(optimizer: MegatronOptimizer) -> List[str]:
     """'param' (the main weights) and the moments the optimizer keeps, the same on every rank
     (Adam creates its state for every parameter in the first step)."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for sub in internals.optimizers_of(optimizer):
         for state in sub.optimizer.state.values():
             return ["param"] + sorted(_without_step(state))
     return ["param"]
@@ -89,7 +89,7 @@ def _slots(optimizer: MegatronOptimizer, param: torch.nn.Parameter):
     range [start, end) of the parameter it holds, the tensors holding exactly those elements
     ('param' the main weights, then the moments; not the step count), and the group over
     which the ranges add up to the whole parameter (None: this rank holds all of it)."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for sub in internals.optimizers_of(optimizer):
         if isinstance(sub, DistributedOptimizer):
             if param in sub.model_param_gbuf_map:
                 shard = internals.get_model_param_range_map(sub, param)["param"]

@@ -106,6 +106,11 @@ OPTIMIZER_ATTRIBUTES = [
      for name in ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups")
 ] + [Internal("megatron.core.optimizer.optimizer", "ChainedOptimizer.chained_optimizers", per_instance=True)]
 
+
+def optimizers_of(optimizer) -> list:
+    """The optimizers a ChainedOptimizer chains, each with its own state; [optimizer] for any other."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
 # DDP's bucket groups, which RaptrDistributedDataParallel reports ready, skips and gathers itself.
 DDP_ATTRIBUTES = [
     Internal(_DDP, f"DistributedDataParallel.{name}", per_instance=True)

@@ -26,6 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.adam_steps import MissedSteps
 from megatron_raptr.ddp import RaptrDistributedDataParallel
 from megatron_raptr.layer import raptr_layers
@@ -65,7 +66,7 @@ def install_optimizer_step(optimizer: MegatronOptimizer, model: Sequence[torch.n
     missed = MissedSteps(chunks[0].config.num_layers, skip_off_path, sampler)
     if catch_up_weight_decay and not skip_off_path:
         raise ValueError("catching up weight decay needs skip_off_path: otherwise skipped layers decay every step")
-    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for leaf in internals.optimizers_of(optimizer):
         _wrap(leaf, chunks, layer_of, missed, skip_off_path, catch_up_weight_decay)
     return missed
 

@@ -166,15 +166,28 @@ def _train_from_one_start(argvs):
         parallel_state.destroy_model_parallel()
 
 
-def _moe_jobs(same_start, pretrain):
+def _moe_jobs(same_start, pretrain, refused):
+    """Returns the error resuming each of `refused` stops with."""
+    from megatron.core import parallel_state
+
+    from megatron_raptr.training.loop import TrainingStopped
+
     _train_from_one_start(same_start)
     _pretrain_each(pretrain)
+    errors = []
+    for argv in refused:
+        with pytest.raises(TrainingStopped) as error:
+            _pretrain_each([argv])
+        parallel_state.destroy_model_parallel()
+        errors.append(str(error.value))
+    return errors
 
 
 def test_expert_tensor_and_data_parallel_moe_runs_agree_and_resume_exactly(tmp_path):
     """On 2 processes, from the same weights: EP=2 (all-to-all dispatch, distributed optimizer, overlapped
     reduction) trains the paths of EP=1 with the same losses (within 1e-5 relative), and so does TP=2; pretrain_raptr.py at EP=2 saved at
-    iteration 4 and resumed repeats the uninterrupted run."""
+    iteration 4 and resumed repeats the uninterrupted run. Resumed without expert parallelism it stops, naming
+    --load and the expert-parallel flags, before it trains: its optimizer state is saved in two parts."""
     ckpt = str(tmp_path / "ckpt")
     ep2 = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
            "--use-distributed-optimizer", "--overlap-grad-reduce"]
@@ -186,7 +199,12 @@ def test_expert_tensor_and_data_parallel_moe_runs_agree_and_resume_exactly(tmp_p
         return [MODEL + MOE + ["--train-iters", "8", "--metrics-file", str(tmp_path / f"{name}.jsonl")] + extra
                 for name, extra in runs.items()]
 
-    run_distributed(_moe_jobs, 2, argvs(same_start), argvs(pretrain), timeout_s=600)
+    errors = run_distributed(_moe_jobs, 2, argvs(same_start), argvs(pretrain),
+                             argvs({"ep1-resumed": ["--use-distributed-optimizer", "--load", ckpt]}), timeout_s=600)
+    for (error,) in errors:
+        assert f"--load {ckpt}" in error and "holds the state of 2 optimizer(s), this run builds 1" in error
+        assert "--expert-model-parallel-size" in error
+    assert not (tmp_path / "ep1-resumed.jsonl").exists() or not records(tmp_path, "ep1-resumed")
     train = {name: [r for r in records(tmp_path, name) if "lm_loss" in r] for name in {**same_start, **pretrain}}
     paths = [r["active_layers"] for r in train["ep1"]]
     assert len({tuple(path) for path in paths[4:]}) > 1  # the second stage samples

@@ -53,6 +53,10 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # not depend on parameter grouping.
 PER_RANK, RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint this run cannot load; the message names --load and what differs."""
+
 # Megatron-Core 0.19 writes asynchronous saves with NVIDIA Resiliency Extension by default, a
 # separate package; its own writer ("mcore") is what 0.16 has.
 _ASYNC_STRATEGY = (
@@ -106,6 +110,7 @@ def save_checkpoint(
         padded_vocab_size=_padded_vocab_size(model),
         distributed_optimizer=optimizer.config.use_distributed_optimizer,
         distrib_optim_sharding_type=sharding_type,
+        optimizer_parts=len(internals.optimizers_of(optimizer)),
         opt_param_scheduler=opt_param_scheduler.state_dict(),
         state=state,
     )
@@ -165,13 +170,22 @@ def load_checkpoint(
     if checked is None:
         return None
     path, common = checked
+    saved_parts, parts = common.get("optimizer_parts"), len(internals.optimizers_of(optimizer))
+    if saved_parts is not None and saved_parts != parts:
+        # Megatron names a chained optimizer's state per part (chained_0, chained_1), a single one's not.
+        raise CheckpointMismatch(
+            f"--load {load_dir}: {path} holds the state of {saved_parts} optimizer(s), this run builds {parts}: "
+            "Megatron keeps the experts' optimizer apart from the rest's only with expert parallelism "
+            "(--expert-model-parallel-size > 1, or an --expert-tensor-parallel-size other than "
+            "--tensor-model-parallel-size). Resume on the same side of that line as the run that saved it."
+        )
     if torch_adam.needed():
         torch_adam.install()
     saved_vocab = common.get("padded_vocab_size")
     if saved_vocab is not None and saved_vocab != _padded_vocab_size(model):
         # Megatron loads embedding and output rows across a size change without a word
         # (allow_shape_mismatch), and every extra row takes probability mass.
-        raise RuntimeError(
+        raise CheckpointMismatch(
             f"--load {load_dir}: {path} was trained with a vocabulary padded to {saved_vocab} rows, "
             f"this model has {_padded_vocab_size(model)}: build it with the checkpoint's size "
             "(saved_padded_vocab_size)"
@@ -332,7 +346,7 @@ def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
     """Torch's Adam creates its state in the first step, and without TE/Apex Megatron's
     DistributedOptimizer cannot describe its state for loading before that. Megatron's
     dummy step (zero gradients) creates it; the load then overwrites every value."""
-    for sub_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for sub_optimizer in internals.optimizers_of(optimizer):
         if isinstance(sub_optimizer, DistributedOptimizer) and not sub_optimizer.optimizer.state:
             internals.init_optimizer_states_with_dummy_values(sub_optimizer)
 

@@ -281,8 +281,12 @@ def _pretrain(args, hooks: Optional[List[StageHook]], exit_signal: Optional[Exit
             raise TrainingStopped(str(error)) from None
     state = TrainState()
     if args.load:
-        saved = checkpointing.load_checkpoint(args.load, trainer.model, trainer.optimizer, trainer.scheduler,
-                                              load_rng=not args.no_load_rng, fully_parallel=args.ckpt_fully_parallel_load)
+        try:
+            saved = checkpointing.load_checkpoint(args.load, trainer.model, trainer.optimizer, trainer.scheduler,
+                                                  load_rng=not args.no_load_rng,
+                                                  fully_parallel=args.ckpt_fully_parallel_load)
+        except checkpointing.CheckpointMismatch as error:
+            raise TrainingStopped(str(error)) from None
         if saved is not None:
             state = TrainState(**{key: saved[key] for key in asdict(state)})
             if "adam_missed_steps" in saved:  # else replayed from this run's paths
