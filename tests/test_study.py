@@ -1,6 +1,7 @@
 """tools/study.py end to end on a tiny corpus, tools/plot_metrics.py, --skip-train and
 --multiple-validation-sets (which the study uses)."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -280,3 +281,20 @@ def test_a_dense_run_trains_and_is_evaluated_at_its_depth_and_lr(tmp_path, monke
         assert [v for f, v in zip(argv, argv[1:]) if f == "--num-layers"][-1] == "3"
         assert argv[argv.index("--lr") + 1] == "0.004"
     assert result["model"]["num_layers"] == 3 and result["lr"] == 4e-3 and result["heldout_val_loss"] == 2.5
+
+
+def test_wsd_study_runs_are_valid_and_never_mixed_with_cosine_ones(tmp_path):
+    """--lr-decay-style WSD: pretrain_raptr.py takes the flags, decaying over the last fifth; a finished
+    cosine run in the output directory is not reused as a WSD one."""
+    from megatron_raptr.training.arguments import parse_args
+
+    wsd = dataclasses.replace(study_tool.PRESETS["smoke"], lr_decay_style="WSD")
+    args = parse_args(study_tool.common_flags(wsd, 100) + ["--mock-data", "--tokenizer-type", "NullTokenizer",
+                                                           "--vocab-size", "512"])
+    assert (args.lr_decay_style, args.lr_wsd_decay_style, args.lr_wsd_decay_iters) == ("WSD", "linear", 20)
+    run = study_tool.Run("baseline", 1, 100, (), 100)
+    (tmp_path / "result.json").write_text(json.dumps({"flags": []}))  # cosine, before the settings were recorded
+    with pytest.raises(RuntimeError, match="'lr_decay_style': 'cosine'.*give another --output-dir"):
+        study_tool.train_and_evaluate(wsd, {}, run, tmp_path, 1, False)
+    cosine = study_tool.PRESETS["smoke"]
+    assert study_tool.train_and_evaluate(cosine, {}, run, tmp_path, 1, False) == {"flags": []}

@@ -68,12 +68,21 @@ class Preset:
     bf16: bool = False
     family: str = "gpt"  # --model
     adam_beta2: float = 0.95
+    lr_decay_style: str = "cosine"  # or WSD: constant after warmup, linear decay over the last WSD_DECAY_SHARE
+
+    def settings(self) -> dict:
+        return {name: getattr(self, name) for name in SETTINGS}
 
     def model(self) -> dict:
         return {"model": self.family, "num_layers": self.layers, "hidden_size": self.hidden, "num_attention_heads": self.heads,
                 "seq_length": self.seq, "global_batch_size": self.global_batch, "train_iters": self.iters,
                 "vocab_size": self.vocab}
 
+
+# Every run's settings that no run name says: a finished run is reused only under the same.
+SETTINGS = ("adam_beta2", "lr_decay_style")
+# Runs that predate the record were trained under the defaults.
+DEFAULT_SETTINGS = {field.name: field.default for field in dataclasses.fields(Preset) if field.name in SETTINGS}
 
 PRESETS = {
     # Minutes on a 2-core machine: every method, one seed, a tiny model.
@@ -139,17 +148,24 @@ def eval_interval(preset: Preset, iters: int) -> int:
     return max(1, round(preset.eval_interval * iters / preset.iters))
 
 
+# WSD's decay phase: the last fifth, after every method's last growth (RaPTr's full model from 0.75 of
+# training, stacking's from 0.67), so that paths grow during the stable phase.
+WSD_DECAY_SHARE = 0.2
+
+
 def common_flags(preset: Preset, iters: int) -> List[str]:
     flags = [
         "--num-layers", preset.layers, "--hidden-size", preset.hidden, "--num-attention-heads", preset.heads,
         "--seq-length", preset.seq, "--micro-batch-size", preset.micro_batch,
         "--global-batch-size", preset.global_batch, "--train-iters", iters,
-        "--lr", preset.lr, "--min-lr", preset.lr / 10, "--lr-decay-style", "cosine",
+        "--lr", preset.lr, "--min-lr", preset.lr / 10, "--lr-decay-style", preset.lr_decay_style,
         "--lr-warmup-iters", max(1, iters // 10), "--weight-decay", 0.1, "--adam-beta2", preset.adam_beta2,
         "--hidden-dropout", 0, "--attention-dropout", 0,
         "--eval-interval", eval_interval(preset, iters), "--eval-iters", preset.eval_iters,
         "--log-interval", eval_interval(preset, iters),
     ]
+    if preset.lr_decay_style == "WSD":
+        flags += ["--lr-wsd-decay-style", "linear", "--lr-wsd-decay-iters", max(1, round(WSD_DECAY_SHARE * iters))]
     return [str(f) for f in flags] + (["--bf16"] if preset.bf16 else []) + ["--model", preset.family]
 
 
@@ -240,6 +256,9 @@ def train_and_evaluate(preset: Preset, data: Dict[str, str], run: Run, run_dir: 
     result_file = run_dir / "result.json"
     if result_file.exists():
         result = json.loads(result_file.read_text())
+        saved = result.get("settings", DEFAULT_SETTINGS)
+        if saved != preset.settings():
+            raise RuntimeError(f"{run_dir} holds a run with {saved}, not {preset.settings()}: give another --output-dir")
         if result["flags"] != list(run.flags):
             raise RuntimeError(f"{run_dir} holds a run with flags {result['flags']}, not {list(run.flags)}: "
                                "give the variant another name or another --output-dir")
@@ -269,7 +288,7 @@ def train_and_evaluate(preset: Preset, data: Dict[str, str], run: Run, run_dir: 
                      for line in (run_dir / "eval.jsonl").read_text().splitlines()}
     result = {
         "method": run.method, "seed": run.seed, "iterations": run.iters, "flags": list(run.flags),
-        "model": preset.model(), "lr": preset.lr,
+        "model": preset.model(), "lr": preset.lr, "settings": preset.settings(),
         "final_val_loss": metrics["eval"][-1]["val_loss"],
         "total_flops": metrics["train"][-1]["cumulative_flops"],
         "wall_s": metrics["train"][-1]["elapsed_s"],
@@ -509,6 +528,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="training budgets: --train-iters of each (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, sharing the CPU cores")
     parser.add_argument("--adam-beta2", type=float, default=None, help="for every run (default: 0.95)")
+    parser.add_argument("--lr-decay-style", choices=("cosine", "WSD"), default="cosine",
+                        help=f"for every run; WSD decays linearly over the last {WSD_DECAY_SHARE:g} of training")
     parser.add_argument("--source-eval", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate every final checkpoint on each corpus source too")
     parser.add_argument("--dense-depths", nargs="+", type=int, default=[], metavar="L",
@@ -540,7 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.selection_seeds or args.report_seeds:
         parser.error("--selection-seeds and --report-seeds belong to the held-out protocol: give --lrs")
     preset = dataclasses.replace(preset, seeds=tuple(args.report_seeds or args.seeds or preset.seeds),
-                                 adam_beta2=args.adam_beta2 or preset.adam_beta2)
+                                 adam_beta2=args.adam_beta2 or preset.adam_beta2, lr_decay_style=args.lr_decay_style)
     if "baseline-equal-flops" in args.methods and not {"baseline", "raptr"} <= set(args.methods):
         parser.error("--methods: baseline-equal-flops needs baseline and raptr (it spends RaPTr's FLOPs)")
     if args.variant and "raptr" not in args.methods:
@@ -608,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     names = [m for m in METHODS if m in args.methods] + [m for m in specs if m not in METHODS]
     order = lambda r: (r["budget"], r["seed"], names.index(r["method"]), r.get("lr") or 0.0)  # noqa: E731
-    record: dict = {"preset": args.preset}
+    record: dict = {"preset": args.preset, "settings": preset.settings()}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         if protocol:
             # The selection runs never see the held-out set: no choice can look at it.
