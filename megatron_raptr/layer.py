@@ -170,7 +170,7 @@ def get_gpt_raptr_layer_spec(use_transformer_engine: bool = None, normalization:
     that support sequence parallelism. Transformer Engine's norms follow the config.
     """
     if use_transformer_engine is None:
-        use_transformer_engine = gpt_layer_specs.HAVE_TE
+        use_transformer_engine = internals.gpt_specs_have_te.get()
     if use_transformer_engine:
         return raptr_layer_spec(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs))
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, **kwargs)
@@ -182,7 +182,7 @@ def get_bert_raptr_layer_spec(use_transformer_engine: bool = None) -> ModuleSpec
     else local) gated by RaPTr. (Its torch-norm fallback needs no sequence-parallel variant: without
     Apex, Megatron's BERT head refuses sequence parallelism anyway.)"""
     if use_transformer_engine is None:
-        use_transformer_engine = bert_layer_specs.HAVE_TE
+        use_transformer_engine = internals.bert_specs_have_te.get()
     if use_transformer_engine:
         return raptr_layer_spec(bert_layer_specs.get_bert_layer_with_transformer_engine_spec())
     return raptr_layer_spec(bert_layer_specs.bert_layer_local_spec)
@@ -194,7 +194,7 @@ def get_gpt_raptr_block_spec(config: TransformerConfig, use_transformer_engine: 
     (get_gpt_decoder_block_spec: dense layers, or MoE ones per --num-experts and --moe-layer-freq,
     qk-layernorm, MLA), gated by RaPTr."""
     if use_transformer_engine is None:
-        use_transformer_engine = gpt_layer_specs.HAVE_TE
+        use_transformer_engine = internals.gpt_specs_have_te.get()
     block = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine,
                                                        normalization=config.normalization, vp_stage=vp_stage)
     return raptr_decoder_spec(block, config, vp_stage)

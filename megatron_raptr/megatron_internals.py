@@ -134,6 +134,10 @@ multi_tensor_applier = Internal("megatron.core.optimizer.optimizer", "multi_tens
 adam = Internal("megatron.core.optimizer", "Adam")
 layer_norm_impl = Internal("megatron.core.transformer.transformer_block", "LayerNormImpl")
 bert_lm_head_norm_impl = Internal("megatron.core.models.bert.bert_lm_head", "LNImpl")
+# Whether Transformer Engine imported: the layer specs' default, and what the fallbacks report.
+gpt_specs_have_te = Internal("megatron.core.models.gpt.gpt_layer_specs", "HAVE_TE")
+bert_specs_have_te = Internal("megatron.core.models.bert.bert_layer_specs", "HAVE_TE")
+gpt_specs_have_apex = Internal("megatron.core.models.gpt.gpt_layer_specs", "HAVE_APEX")
 
 # Which layers are MoE, as Megatron reads --moe-layer-freq.
 get_moe_layer_pattern = Internal("megatron.core.models.gpt.experimental_attention_variant_module_specs",
@@ -142,7 +146,7 @@ get_moe_layer_pattern = Internal("megatron.core.models.gpt.experimental_attentio
 CORE = [get_model_param_range_map, get_main_param_and_optimizer_states, set_main_param_and_optimizer_states,
         init_optimizer_states_with_dummy_values, *OPTIMIZER_ATTRIBUTES, *DDP_ATTRIBUTES,
         grad_accum_fusion_available, fused_apply_rotary_pos_emb, multi_tensor_applier, adam, layer_norm_impl,
-        bert_lm_head_norm_impl, get_moe_layer_pattern]
+        bert_lm_head_norm_impl, gpt_specs_have_te, bert_specs_have_te, gpt_specs_have_apex, get_moe_layer_pattern]
 
 # Megatron's own buffer layout, per transformer layer (ddp.per_layer_param_layout): where DDP takes
 # a full_param_layout (0.17+).

@@ -45,7 +45,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
@@ -128,7 +127,7 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
 
 def _check_args(args) -> None:
     check_refused(args)
-    if args.transformer_impl == "transformer_engine" and not gpt_layer_specs.HAVE_TE:
+    if args.transformer_impl == "transformer_engine" and not internals.gpt_specs_have_te.get():
         raise ValueError("--transformer-impl transformer_engine (Megatron-LM's default) needs Transformer Engine, "
                          "which is not installed: pass --transformer-impl local")
     if args.train_iters is None:

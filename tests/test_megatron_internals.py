@@ -57,6 +57,9 @@ EXPECTED = [
     "megatron.core.optimizer.Adam",
     "megatron.core.transformer.transformer_block.LayerNormImpl",
     "megatron.core.models.bert.bert_lm_head.LNImpl",
+    "megatron.core.models.gpt.gpt_layer_specs.HAVE_TE",
+    "megatron.core.models.bert.bert_layer_specs.HAVE_TE",
+    "megatron.core.models.gpt.gpt_layer_specs.HAVE_APEX",
     "megatron.core.models.gpt.experimental_attention_variant_module_specs.get_moe_layer_pattern",
     # PARAM_LAYOUT
     _BUFFER + "group_params_for_buffers",
@@ -97,6 +100,7 @@ REACHED_THROUGH_THE_MODULE = [
     "_build_model_and_main_param_groups", "exchange_by_distribution", "maybe_move_tensor_to_cpu",
     "moe_logging", "get_moe_metrics_tracker", "MoEMetricsTracker", "default_layer_spec", "compile_helpers",
     "dist_utils", "_ParamAndGradBucketGroup", "_ParamAndGradBuffer", "set_jit_fusion_options", "_p2p_ops",
+    "HAVE_TE", "HAVE_APEX",
 ]
 
 

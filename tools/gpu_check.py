@@ -120,11 +120,11 @@ def run_megatron_lm(out_dir, gpu, timeout_s):
         import megatron.training.training  # noqa: F401
     except ImportError:
         return {"skipped": "no megatron.training (megatron-core 0.17+ ships it)"}
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron_raptr import megatron_internals as internals
 
     metrics = out_dir / "megatron_lm.jsonl"
     # Megatron-LM's default --transformer-impl is transformer_engine; RaPTr builds what it would.
-    impl = [] if gpt_layer_specs.HAVE_TE else ["--transformer-impl", "local"]
+    impl = [] if internals.gpt_specs_have_te.get() else ["--transformer-impl", "local"]
     code, seconds = sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                         "examples/pretrain_gpt_megatron_lm.py", *(MEGATRON_LM_GPU if gpu else MEGATRON_LM_CPU).split(),
                         *MEGATRON_LM_COMMON.split(), *impl, "--metrics-file", metrics], out_dir / "megatron_lm.log", timeout_s)
@@ -140,7 +140,7 @@ def run_megatron_lm(out_dir, gpu, timeout_s):
 def environment(gpu):
     import megatron.core
 
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron_raptr import megatron_internals as internals
 
     return {
         "date": datetime.date.today().isoformat(),
@@ -149,8 +149,8 @@ def environment(gpu):
         "cuda": torch.version.cuda,
         "megatron_core": megatron.core.__version__,
         "python": sys.version.split()[0],
-        "transformer_engine": gpt_layer_specs.HAVE_TE,
-        "apex": gpt_layer_specs.HAVE_APEX,
+        "transformer_engine": internals.gpt_specs_have_te.get(),
+        "apex": internals.gpt_specs_have_apex.get(),
     }
 
 

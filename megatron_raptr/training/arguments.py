@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import torch
 
-from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
 
+from megatron_raptr import megatron_internals as internals
 from megatron_raptr.pld import PLDSchedule
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule
 from megatron_raptr.stacking import COPY_MODES, OPTIMIZER_STATES, StackingSchedule
@@ -443,7 +443,7 @@ def _validate_moe_args(args: argparse.Namespace) -> None:
     if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
         raise ValueError("--num-experts with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron-Core's "
                          "MoE layers refuse to train without it)")
-    if args.moe_grouped_gemm and not HAVE_TE:
+    if args.moe_grouped_gemm and not internals.gpt_specs_have_te.get():
         raise ValueError("--moe-grouped-gemm needs Transformer Engine (Megatron's local experts run one by one)")
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.utils import local_multi_tensor_applier
 
 from megatron_raptr import megatron_internals as internals
@@ -128,7 +127,7 @@ def megatron_fallbacks(unfused: Dict[str, str]) -> List[str]:
     """What Megatron-Core runs in place of Transformer Engine and Apex, where they are not installed,
     and the fusions left out (`unfused`: what is not fused -> why, from model.resolve_fusions)."""
     fallbacks = []
-    if not gpt_layer_specs.HAVE_TE:
+    if not internals.gpt_specs_have_te.get():
         torch_norms = get_gpt_raptr_layer_spec().submodules.input_layernorm is SequenceParallelTorchNorm
         fallbacks.append("local layer spec" + (" with torch norms" if torch_norms else ""))
     if torch_adam.needed():

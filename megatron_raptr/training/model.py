@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
@@ -67,7 +66,7 @@ def unavailable_fusions() -> Dict[str, str]:
     if not internals.grad_accum_fusion_available.get():  # Megatron's linear layers raise without it
         missing["--gradient-accumulation-fusion"] = "needs Apex's fused_weight_gradient_mlp_cuda extension"
     # Transformer Engine's attention fuses the softmax itself and ignores the flag.
-    if not HAVE_TE and not all(importlib.util.find_spec(kernel) for kernel in _SOFTMAX_KERNELS):
+    if not internals.gpt_specs_have_te.get() and not all(importlib.util.find_spec(kernel) for kernel in _SOFTMAX_KERNELS):
         missing["--masked-softmax-fusion"] = "needs Megatron's fused softmax kernels (built by Apex)"
     if internals.fused_apply_rotary_pos_emb.get() is None:
         missing["--rope-fusion"] = "needs Transformer Engine"
