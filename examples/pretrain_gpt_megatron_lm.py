@@ -70,6 +70,3 @@ if __name__ == "__main__":
     model_config = gpt_config_from_args(args)  # RaPTr's layers: --spec megatron_raptr.megatron_lm gpt_layer_spec
     pretrain(pretrain_cfg_container_from_args(args, model_config), datasets_provider,
              ModelType.encoder_or_decoder, forward_step)
-    # Megatron-LM leaves the process group to interpreter exit, where gloo's threads can abort it.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

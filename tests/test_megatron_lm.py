@@ -7,7 +7,9 @@ separate launches would (importing Megatron-LM costs each process ~15 s).
 
 import functools
 import json
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 pytest.importorskip("megatron.training.training", reason="Megatron-LM's loop ships with megatron-core 0.17+")
 
+from megatron_raptr.training.initialize import free_port  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt_megatron_lm.py")
@@ -356,3 +359,21 @@ def test_virtual_pipeline_stages_continue_a_plain_pipeline_run(tmp_path):
     assert len({tuple(r["active_layers"]) for r in train}) > 1
     for record in train:
         assert sorted((layer - 1) // 2 for layer in record["active_layers"]) == [0, 1, 2, 3], record
+
+
+def test_process_group_is_torn_down_before_interpreter_exit(tmp_path):
+    """Megatron-LM leaves its process group to interpreter finalization, where gloo's worker threads can
+    abort a finished job (SIGABRT); RaPTr's setup tears it down at exit. A probe registered before the
+    run sees it gone (atexit runs last in, first out)."""
+    code = ("import atexit, runpy, sys, torch.distributed as dist\n"
+            "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+            f"sys.argv = {[EXAMPLE, *_argv(tmp_path, 'run', *RAPTR, iters=4)]!r}\n"
+            f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n"
+            "print('initialized after the run:', dist.is_initialized())\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(EXAMPLE).parents[1], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "initialized after the run: True" in result.stdout, result.stdout[-2000:]
+    assert "initialized at exit: False" in result.stdout, result.stdout[-2000:]

@@ -91,6 +91,7 @@ def initialize_distributed(
         # Torn down while the interpreter is whole: gloo's worker threads, left to its finalization,
         # can abort the exit (SIGABRT, "terminate called without an active exception") after a job
         # that succeeded.
+        atexit.unregister(destroy_distributed)  # once, however many times a process initializes
         atexit.register(destroy_distributed)
 
     if parallel_state.model_parallel_is_initialized():
