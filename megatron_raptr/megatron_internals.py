@@ -111,6 +111,7 @@ def optimizers_of(optimizer) -> list:
     """The optimizers a ChainedOptimizer chains, each with its own state; [optimizer] for any other."""
     return getattr(optimizer, "chained_optimizers", [optimizer])
 
+
 # DDP's bucket groups, which RaptrDistributedDataParallel reports ready, skips and gathers itself.
 DDP_ATTRIBUTES = [
     Internal(_DDP, f"DistributedDataParallel.{name}", per_instance=True)

@@ -38,7 +38,6 @@ Makefile, so every pip-installed run would stop there; when the compiled helpers
 import, compiling is skipped.
 """
 
-import atexit
 import functools
 import importlib.util
 import inspect
@@ -55,7 +54,7 @@ from megatron_raptr.hooks import StageHook, default_hooks
 from megatron_raptr.layer import check_gateable, raptr_decoder_spec
 from megatron_raptr.runtime import StepRuntime
 from megatron_raptr.training.arguments import _add_pld_args, _add_raptr_args, _add_stacking_args, build_schedule
-from megatron_raptr.training.initialize import destroy_distributed
+from megatron_raptr.training.initialize import destroy_at_exit
 from megatron_raptr.training.metrics import log
 from megatron_raptr.unsupported import check_refused
 
@@ -124,10 +123,7 @@ def setup(args, hooks: Sequence[StageHook] = ()) -> "RaptrLoop":
     args.spec = list(SPEC)
     loop = RaptrLoop(args, build_schedule(args), list(hooks) + default_hooks(args))
     _install(loop)
-    # Megatron-LM leaves its process group to interpreter finalization, where gloo's worker threads
-    # can abort a finished job (SIGABRT); torn down at exit instead, once however many runs set up.
-    atexit.unregister(destroy_distributed)
-    atexit.register(destroy_distributed)
+    destroy_at_exit()  # Megatron-LM leaves its process group to interpreter finalization
     return loop
 
 

@@ -9,7 +9,6 @@ from typing import List, Optional
 
 import torch
 
-
 from megatron_raptr import megatron_internals as internals
 from megatron_raptr.pld import PLDSchedule
 from megatron_raptr.schedule import SAMPLING_MODES, SCALING_RULES, RaptrSchedule

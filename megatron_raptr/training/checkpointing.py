@@ -57,6 +57,7 @@ PER_RANK, RESHARDABLE = "dp_reshardable", "fully_reshardable"
 class CheckpointMismatch(RuntimeError):
     """A checkpoint this run cannot load; the message names --load and what differs."""
 
+
 # Megatron-Core 0.19 writes asynchronous saves with NVIDIA Resiliency Extension by default, a
 # separate package; its own writer ("mcore") is what 0.16 has.
 _ASYNC_STRATEGY = (

@@ -88,11 +88,7 @@ def initialize_distributed(
             world_size=world_size,
             timeout=timedelta(minutes=timeout_minutes),
         )
-        # Torn down while the interpreter is whole: gloo's worker threads, left to its finalization,
-        # can abort the exit (SIGABRT, "terminate called without an active exception") after a job
-        # that succeeded.
-        atexit.unregister(destroy_distributed)  # once, however many times a process initializes
-        atexit.register(destroy_distributed)
+        destroy_at_exit()
 
     if parallel_state.model_parallel_is_initialized():
         current = (
@@ -140,6 +136,14 @@ def megatron_fallbacks(unfused: Dict[str, str]) -> List[str]:
         reasons.setdefault(why, []).append(fused)
     fallbacks.extend(f"unfused {', '.join(names)} ({why})" for why, names in reasons.items())
     return fallbacks
+
+
+def destroy_at_exit() -> None:
+    """Tears the process group down at exit while the interpreter is whole: gloo's worker threads, left
+    to its finalization, can abort a job that succeeded (SIGABRT, "terminate called without an active
+    exception"). Registered once, however many runs a process sets up."""
+    atexit.unregister(destroy_distributed)
+    atexit.register(destroy_distributed)
 
 
 def destroy_distributed() -> None:

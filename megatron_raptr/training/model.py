@@ -66,7 +66,8 @@ def unavailable_fusions() -> Dict[str, str]:
     if not internals.grad_accum_fusion_available.get():  # Megatron's linear layers raise without it
         missing["--gradient-accumulation-fusion"] = "needs Apex's fused_weight_gradient_mlp_cuda extension"
     # Transformer Engine's attention fuses the softmax itself and ignores the flag.
-    if not internals.gpt_specs_have_te.get() and not all(importlib.util.find_spec(kernel) for kernel in _SOFTMAX_KERNELS):
+    have_te = internals.gpt_specs_have_te.get()
+    if not have_te and not all(importlib.util.find_spec(kernel) for kernel in _SOFTMAX_KERNELS):
         missing["--masked-softmax-fusion"] = "needs Megatron's fused softmax kernels (built by Apex)"
     if internals.fused_apply_rotary_pos_emb.get() is None:
         missing["--rope-fusion"] = "needs Transformer Engine"
