@@ -14,15 +14,23 @@
 # full-model runs' worth of compute; a full-model run takes 36 minutes beside another (0.72 s a step,
 # measured), so about 20 hours with --jobs 2. The study is resumable: rerun the same command (in this or
 # a later session) and it skips finished runs and resumes interrupted ones. Outputs:
-# OUTPUT_DIR/results.{json,md}, frontier.png and the loss plots; copy them to examples/study_evidence/
-# when done.
+# OUTPUT_DIR/results.{json,md}, frontier.png and the loss plots, copied to examples/study_evidence/.
+# Until it is done, --progress trains nothing and writes OUTPUT_DIR/progress.{json,md}, the runs
+# finished so far, copied there too (the README's depth check reads that progress.json).
 #
-#   bash examples/study_evidence_cpu.sh [OUTPUT_DIR]     # default runs/study-evidence
+#   bash examples/study_evidence_cpu.sh [OUTPUT_DIR] [--progress]     # default runs/study-evidence
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/study-evidence}
+shift $(($# > 0))
 bash tools/setup_env.sh
-exec .venv/bin/python tools/study.py --preset narrow-cpu --output-dir "$OUT" --jobs 2 \
+.venv/bin/python tools/study.py --preset narrow-cpu --output-dir "$OUT" --jobs 2 \
     --methods baseline raptr baseline-equal-flops stacking pld \
     --dense-depths 6 9 --frontier 0.45 0.5 0.6 0.75 \
-    --lrs 1e-3 2e-3 4e-3 --selection-seeds 1 2 --report-seeds 21 22 23
+    --lrs 1e-3 2e-3 4e-3 --selection-seeds 1 2 --report-seeds 21 22 23 "$@"
+mkdir -p examples/study_evidence
+if [[ " $* " == *" --progress "* ]]; then
+    cp "$OUT/progress.json" "$OUT/progress.md" examples/study_evidence/
+else
+    cp "$OUT/results.json" "$OUT/results.md" "$OUT"/*.png examples/study_evidence/
+fi

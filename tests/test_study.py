@@ -4,6 +4,8 @@
 import dataclasses
 import json
 import math
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -298,3 +300,48 @@ def test_wsd_study_runs_are_valid_and_never_mixed_with_cosine_ones(tmp_path):
         study_tool.train_and_evaluate(wsd, {}, run, tmp_path, 1, False)
     cosine = study_tool.PRESETS["smoke"]
     assert study_tool.train_and_evaluate(cosine, {}, run, tmp_path, 1, False) == {"flags": []}
+
+
+def test_progress_reports_the_finished_runs_of_this_study_and_trains_nothing(tmp_path, monkeypatch):
+    """--progress reads each finished run's result.json: this study's methods and seeds (with their role)
+    under its settings, never a run of another study sharing the directory, and prepares no data."""
+    def finished(name, method, seed, lr, loss, **extra):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "result.json").write_text(json.dumps(dict(
+            {"method": method, "seed": seed, "iterations": 10, "lr": lr, "final_val_loss": loss,
+             "settings": study_tool.DEFAULT_SETTINGS}, **extra)))
+    finished("baseline-10it-lr0.001-s1", "baseline", 1, 1e-3, 3.0)
+    finished("baseline-10it-lr0.001-s2", "baseline", 2, 1e-3, 3.2)
+    finished("dense-3-10it-lr0.002-s1", "dense-3", 1, 2e-3, 3.5)
+    finished("dense-3-10it-lr0.002-s21", "dense-3", 21, 2e-3, 3.6, heldout_val_loss=3.9)
+    finished("raptr-10it-lr0.001-s1", "raptr", 1, 1e-3, 3.1)  # not among --methods
+    finished("baseline-10it-lr0.001-s3", "baseline", 3, 1e-3, 3.1)  # not among the seeds
+    finished("baseline-10it-lr0.004-s1", "baseline", 1, 4e-3, 2.9,  # another study's settings
+             settings=dict(study_tool.DEFAULT_SETTINGS, lr_decay_style="WSD"))
+    monkeypatch.setattr(study_tool, "prepare_data", None)  # called, it would fail
+    study_tool.main(["--preset", "smoke", "--iters", "10", "--output-dir", str(tmp_path), "--methods", "baseline",
+                     "--dense-depths", "3", "--lrs", "1e-3", "2e-3", "4e-3", "--selection-seeds", "1", "2",
+                     "--report-seeds", "21", "--progress"])
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["plan"] == "12 selection runs, then 2 report runs"
+    assert sorted((r["name"], r["role"]) for r in progress["runs"]) == [
+        ("baseline-10it-lr0.001-s1", "selection"), ("baseline-10it-lr0.001-s2", "selection"),
+        ("dense-3-10it-lr0.002-s1", "selection"), ("dense-3-10it-lr0.002-s21", "report")]
+    table = (tmp_path / "progress.md").read_text()
+    assert "| selection | baseline | 10 | 0.001 | 1 2 | 3.1000 ± 0.1414 | - |" in table
+    assert "| report | dense-3 | 10 | 0.002 | 21 | 3.6000 | 3.9000 |" in table
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("study_*.sh")), ids=lambda path: path.name)
+def test_study_scripts_plan_studies_that_study_py_accepts(script, tmp_path, monkeypatch):
+    """Every examples/study_*.sh hands tools/study.py flags that pass its checks: its plan, read with
+    --progress (which trains nothing)."""
+    text = script.read_text().replace("\\\n", " ")
+    commands = re.findall(r"\.venv/bin/python tools/study\.py (.*)", text)
+    assert commands, f"{script.name} runs no tools/study.py"
+    monkeypatch.setattr(study_tool, "prepare_data", None)  # called, it would fail
+    for command in commands:
+        command = command.replace("$OUT", str(tmp_path)).replace('"$beta2"', "0.95").replace("$beta2", "0.95")
+        study_tool.main([arg for arg in shlex.split(command) if arg != "$@"] + ["--progress"])
+        assert "runs finished; the plan:" in next(tmp_path.rglob("progress.md")).read_text()

@@ -400,6 +400,33 @@ def markdown(runs: List[dict], preset_name: str, methods: List[str]) -> str:
     return "\n".join(lines)
 
 
+def finished_runs(runs_dir: Path, preset: Preset, methods: Sequence[str], roles: Dict[int, str]) -> List[dict]:
+    """The runs of these methods and seeds (seed -> its role) that have finished under the preset's settings:
+    a study spanning sessions, reported so far."""
+    finished = []
+    for result_file in sorted(runs_dir.glob("*/result.json")):
+        result = json.loads(result_file.read_text())
+        if (result["method"] in methods and result["seed"] in roles
+                and result.get("settings", DEFAULT_SETTINGS) == preset.settings()):
+            finished.append(dict(result, name=result_file.parent.name, role=roles[result["seed"]]))
+    return finished
+
+
+def progress_markdown(runs: List[dict], preset_name: str, plan: str) -> str:
+    lines = [f"Preset `{preset_name}`: {len(runs)} runs finished; the plan: {plan}. Mean ± standard deviation over "
+             "the seeds finished; the held-out loss is evaluated for report runs alone.", "", "| role | method | iterations | lr | seeds | final val loss | held-out loss |",
+             "|---" * 7 + "|"]
+    groups: Dict[tuple, List[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["role"], run["method"], run["iterations"], run["lr"]), []).append(run)
+    for (role, method, iters, lr), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2],
+                                                                                      item[0][3] or 0.0)):
+        heldout = [r["heldout_val_loss"] for r in group if "heldout_val_loss" in r]
+        lines.append(f"| {role} | {method} | {iters} | {lr:g} | {' '.join(str(r['seed']) for r in group)} | "
+                     f"{mean_spread([r['final_val_loss'] for r in group])} | {mean_spread(heldout)} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_variant(text: str) -> Tuple[str, Tuple[str, ...]]:
     name, equals, flags = text.partition("=")
     if not equals or not name or name in METHODS or "/" in name:
@@ -544,6 +571,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--report-seeds", nargs="+", type=int, default=None)
     parser.add_argument("--heldout-fraction", type=float, default=0.03,
                         help="with --lrs: share of training documents carved out as the held-out set")
+    parser.add_argument("--progress", action="store_true",
+                        help="train nothing: write DIR/progress.{json,md}, the runs of this study finished so far "
+                             "(a study spanning sessions)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     budgets = args.iters or [preset.iters]
@@ -583,10 +613,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except ValueError as error:
             parser.error(f"--frontier {fraction:g}: {error}")
     out = Path(args.output_dir).resolve()
-    # Its own data with a held-out set: a tokenizer or training set built without one saw the held-out text.
-    data_dir = out / (f"data-heldout{args.heldout_fraction:g}" if protocol else "data")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(preset, Path(args.corpus_dir).resolve(), data_dir, args.heldout_fraction if protocol else 0)
 
     def flags(method: str, iters: int) -> Tuple[str, ...]:
         return tuple(method_flags(method, dataclasses.replace(preset, iters=iters)))
@@ -600,6 +626,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   for f in args.frontier})
     specs.update({name: lambda iters, extra=extra: flags("raptr", iters) + extra for name, extra in args.variant})
     runs_dir = out / "runs"
+    names = [m for m in METHODS if m in args.methods] + [m for m in specs if m not in METHODS]
+    if args.progress:
+        per_seed = len(budgets) * (len(specs) + ("baseline-equal-flops" in args.methods))
+        # Under the protocol the selection runs (every method but the frontier's, at each LR) come first and
+        # choose the report runs' LRs.
+        plan = (f"{len(args.selection_seeds) * (per_seed - len(budgets) * len(family)) * len(lrs)} selection runs, "
+                f"then {len(preset.seeds) * per_seed} report runs" if protocol else f"{len(preset.seeds) * per_seed} runs")
+        roles = {**{s: "selection" for s in args.selection_seeds or []}, **{s: "report" for s in preset.seeds}}
+        runs = finished_runs(runs_dir, preset, names, roles)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "progress.json").write_text(json.dumps({"preset": args.preset, "settings": preset.settings(),
+                                                        "plan": plan, "runs": runs}, indent=1))
+        (out / "progress.md").write_text(progress_markdown(runs, args.preset, plan))
+        print((out / "progress.md").read_text())
+        return
+    # Its own data with a held-out set: a tokenizer or training set built without one saw the held-out text.
+    data_dir = out / (f"data-heldout{args.heldout_fraction:g}" if protocol else "data")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(preset, Path(args.corpus_dir).resolve(), data_dir, args.heldout_fraction if protocol else 0)
 
     def execute(run: Run, data: Dict[str, str]) -> dict:
         sys.stdout.write(f"study: {run.method}, seed {run.seed}, {run.iters} iterations, lr {run.lr or preset.lr:g}\n")
@@ -627,7 +672,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             runs += list(pool.map(functools.partial(execute, data=data), equal))
         return runs
 
-    names = [m for m in METHODS if m in args.methods] + [m for m in specs if m not in METHODS]
     order = lambda r: (r["budget"], r["seed"], names.index(r["method"]), r.get("lr") or 0.0)  # noqa: E731
     record: dict = {"preset": args.preset, "settings": preset.settings()}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
