@@ -308,6 +308,9 @@ def test_progress_reports_the_finished_runs_of_this_study_and_trains_nothing(tmp
     def finished(name, method, seed, lr, loss, **extra):
         run_dir = tmp_path / "runs" / name
         run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"iteration": 5, "lm_loss": loss + 1}, {"iteration": 5, "val_loss": loss + 0.5},
+            {"iteration": 10, "lm_loss": loss}, {"iteration": 10, "val_loss": loss}]))
         (run_dir / "result.json").write_text(json.dumps(dict(
             {"method": method, "seed": seed, "iterations": 10, "lr": lr, "final_val_loss": loss,
              "settings": study_tool.DEFAULT_SETTINGS}, **extra)))
@@ -328,6 +331,7 @@ def test_progress_reports_the_finished_runs_of_this_study_and_trains_nothing(tmp
     assert sorted((r["name"], r["role"]) for r in progress["runs"]) == [
         ("baseline-10it-lr0.001-s1", "selection"), ("baseline-10it-lr0.001-s2", "selection"),
         ("dense-3-10it-lr0.002-s1", "selection"), ("dense-3-10it-lr0.002-s21", "report")]
+    assert next(r for r in progress["runs"] if r["seed"] == 2)["evals"] == [[5, 3.7], [10, 3.2]]
     table = (tmp_path / "progress.md").read_text()
     assert "| selection | baseline | 10 | 0.001 | 1 2 | 3.1000 ± 0.1414 | - |" in table
     assert "| report | dense-3 | 10 | 0.002 | 21 | 3.6000 | 3.9000 |" in table

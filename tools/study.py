@@ -3,7 +3,7 @@ gradual stacking and progressive layer dropping; same data, model, LR schedule f
 order, several seeds, on the real corpus of tools/fetch_corpus.py.
 
     python tools/study.py --preset smoke --output-dir runs/study-smoke
-    python tools/study.py --preset cpu --output-dir runs/study-cpu        # the README's figures
+    python tools/study.py --preset cpu --output-dir runs/study-cpu        # every method, an hour on 2 cores
     python tools/study.py --preset cpu --iters 100 400 --methods baseline raptr baseline-equal-flops \
         --variant "scaling-none=--raptr-scaling none" --jobs 2 --output-dir runs/study-scaling
 
@@ -88,7 +88,7 @@ PRESETS = {
     # Minutes on a 2-core machine: every method, one seed, a tiny model.
     "smoke": Preset(layers=6, hidden=64, heads=2, seq=64, micro_batch=4, global_batch=8, iters=40, seeds=(1,),
                     nproc=1, vocab=1000, eval_interval=10, eval_iters=4, lr=2e-3),
-    # The README's figures: about an hour on a 2-core machine.
+    # Every method in about an hour on a 2-core machine.
     "cpu": Preset(layers=12, hidden=128, heads=2, seq=128, micro_batch=8, global_batch=16, iters=160,
                   seeds=(1, 2, 3), nproc=1, vocab=8000, eval_interval=20, eval_iters=8, lr=1e-3),
     # RaPTr's defaults (README "RaPTr's defaults"): the cpu model on half the batch, so that 3 seeds
@@ -401,14 +401,17 @@ def markdown(runs: List[dict], preset_name: str, methods: List[str]) -> str:
 
 
 def finished_runs(runs_dir: Path, preset: Preset, methods: Sequence[str], roles: Dict[int, str]) -> List[dict]:
-    """The runs of these methods and seeds (seed -> its role) that have finished under the preset's settings:
-    a study spanning sessions, reported so far."""
+    """The runs of these methods and seeds (seed -> its role) that have finished under the preset's settings,
+    with their validation loss along training (``evals``: [iteration, loss] pairs): a study spanning
+    sessions, reported so far."""
     finished = []
     for result_file in sorted(runs_dir.glob("*/result.json")):
         result = json.loads(result_file.read_text())
         if (result["method"] in methods and result["seed"] in roles
                 and result.get("settings", DEFAULT_SETTINGS) == preset.settings()):
-            finished.append(dict(result, name=result_file.parent.name, role=roles[result["seed"]]))
+            evals = plot_metrics.read_metrics(result_file.parent / "metrics.jsonl")["eval"]
+            finished.append(dict(result, name=result_file.parent.name, role=roles[result["seed"]],
+                                 evals=[[r["iteration"], r["val_loss"]] for r in evals]))
     return finished
 
 
