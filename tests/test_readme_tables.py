@@ -27,7 +27,7 @@ def test_a_changed_figure_fails_the_check_naming_its_table(tmp_path):
     readme.write_text(text.replace(row, row.replace(" (", " (9", 1), 1))
     result = check(readme)
     assert result.returncode == 1
-    assert "pipeline" in result.stderr and "study-cpu" not in result.stderr
+    assert "pipeline" in result.stderr and "defaults" not in result.stderr
     subprocess.run([sys.executable, str(ROOT / "tools" / "readme_tables.py"), "--readme", str(readme)], check=True)
     assert readme.read_text() == (ROOT / "README.md").read_text()  # rewritten from the file
 

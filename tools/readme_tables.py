@@ -31,6 +31,8 @@ def table(header, rows):
 
 
 def spread(values, signed=False):
+    if len(values) == 1:
+        return f"{values[0]:{'+' if signed else ''}.3f}"
     return f"{statistics.mean(values):{'+' if signed else ''}.3f} ± {statistics.stdev(values):.3f}"
 
 
@@ -48,36 +50,6 @@ def loss_and_delta(runs, bold=False):
     deltas = [r["delta_vs_equal_flops"] for r in runs if r["method"] != "baseline-equal-flops"]
     delta = f"{spread(deltas, signed=True)} ({sum(d < 0 for d in deltas)}/{len(deltas)})" if deltas else "-"
     return [spread([r["final_val_loss"] for r in runs]), f"**{delta}**" if bold and deltas else delta]
-
-
-STUDY_CPU_ROWS = {
-    "baseline": "baseline (full model, {steps} steps)",
-    "baseline-equal-flops": "baseline on equal FLOPs ({steps} steps)",
-    "raptr": "RaPTr, 6-8-10-12 in four equal stages, inverse-keep (the defaults then)",
-    "stacking": "gradual stacking, 6 -> 9 -> 12",
-    "pld": "progressive layer dropping, theta-bar 0.5",
-}
-
-
-def study_cpu(path):
-    runs = load(path)["runs"]
-    full = mean_flops(runs_of(runs, "baseline"))
-    best = min(STUDY_CPU_ROWS, key=lambda m: statistics.mean(r["final_val_loss"] for r in runs_of(runs, m)))
-    rows = []
-    for method, label in STUDY_CPU_ROWS.items():
-        group = runs_of(runs, method)
-        steps = sorted({r["iterations"] for r in group})
-        steps = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else steps[0]
-        reached = [r["flops_to_baseline_loss"] / full for r in group if r["flops_to_baseline_loss"] is not None]
-        loss = spread([r["final_val_loss"] for r in group])
-        rows.append([label.format(steps=steps),
-                     f"**{loss}**" if method == best else loss, f"{mean_flops(group) / full:.3f}",
-                     "-" if method == "baseline" else
-                     f"{len(reached)} of {len(group)} seeds, at {statistics.mean(reached):.3f}" if reached else "never",
-                     *(f"{statistics.mean(r['val_loss_by_source'][f'valid_{s}_text_document'] for r in group):.3f}"
-                       for s in ("wiki", "shakespeare", "bible"))])
-    return table(["method", "final val loss", "FLOPs", "reached the baseline's loss", "wiki", "shakespeare", "bible"],
-                 rows)
 
 
 DEFAULTS_ROWS = {
@@ -191,8 +163,93 @@ QUICKSTART_RUNS = {  # metrics file: the quickstart command that wrote it (as it
     "examples/quickstart_cpu/gpt-baseline.metrics.jsonl": "SCHEDULE= RUN_DIR=runs/baseline bash examples/quickstart_cpu.sh",
     "examples/quickstart_cpu/bert.metrics.jsonl": "MODEL=bert bash examples/quickstart_cpu.sh",
 }
+def ahead_from(full, half):
+    """The evaluation from which the full model's loss stays below the other's to the end ("never": it
+    does not end below)."""
+    other = dict(half["evals"])
+    start = None
+    for iteration, loss in full["evals"]:
+        if iteration in other:
+            start = (start or iteration) if loss < other[iteration] else None
+    return "never" if start is None else str(start)
+
+
+def signed_cell(differences):
+    """Mean ± standard deviation of same-seed differences, and in brackets the seeds where it is negative."""
+    return f"{spread(differences, signed=True)} ({sum(d < 0 for d in differences)}/{len(differences)})"
+
+
+def depth(path):
+    """Whether depth pays: the full model against the dense model of half its depth trained for as many steps,
+    at each LR of the sweep, on the selection seeds where both have finished (mixed validation set)."""
+    runs = [r for r in load(path)["runs"] if r["role"] == "selection"]
+    layers = max(r["model"]["num_layers"] for r in runs)
+    rows = []
+    for lr in sorted({r["lr"] for r in runs}):
+        full, half = ({r["seed"]: r for r in runs if r["method"] == method and r["lr"] == lr}
+                      for method in ("baseline", f"dense-{layers // 2}"))
+        seeds = sorted(full.keys() & half.keys())
+        if not seeds:
+            continue
+        gaps = [full[s]["final_val_loss"] - half[s]["final_val_loss"] for s in seeds]
+        rows.append([f"{lr:g}", " ".join(map(str, seeds)), spread([full[s]["final_val_loss"] for s in seeds]),
+                     spread([half[s]["final_val_loss"] for s in seeds]),
+                     signed_cell(gaps), ", ".join(ahead_from(full[s], half[s]) for s in seeds),
+                     f"{statistics.mean(half[s]['total_flops'] / full[s]['total_flops'] for s in seeds):.2f}"])
+    return table(["LR", "seeds", f"{layers} layers", f"{layers // 2} layers",
+                  f"{layers} minus {layers // 2} (seeds where {layers} is lower)", f"{layers} ahead from step",
+                  f"{layers // 2} layers' FLOPs"], rows)
+
+
+PROTOCOL_ROWS = {
+    "baseline": "full model",
+    "baseline-equal-flops": "full model on RaPTr's FLOPs (fewer steps)",
+    "dense-9": "dense 9 layers",
+    "dense-6": "dense 6 layers",
+    "raptr": "RaPTr, the paper's shape (6-8-10-12)",
+    "auto-0.75": "**RaPTr, `auto:0.75` (the default)**",
+    "stacking": "gradual stacking, 6 -> 9 -> 12",
+    "pld": "progressive layer dropping",
+}
+
+
+def protocol_study(path):
+    """A held-out-protocol study's report runs: each method at its chosen LR, its held-out loss and its
+    difference to the same seed's best dense model for its compute (chosen on the selection seeds)."""
+    study = load(path)
+    runs, budget = study["runs"], str(study["runs"][0]["budget"])
+    full = {r["seed"]: r for r in runs_of(runs, "baseline")}
+    rows = []
+    for method, label in PROTOCOL_ROWS.items():
+        group = runs_of(runs, method)
+        dense = study["best_dense"][budget].get(method)
+        versus_full = [r["heldout_val_loss"] - full[r["seed"]]["heldout_val_loss"] for r in group]
+        deltas = [r["delta_vs_best_dense"] for r in group if r.get("delta_vs_best_dense") is not None]
+        rows.append([label, f"{study['protocol']['chosen_lr'][budget][method]:g}",
+                     f"{mean_flops(group) / mean_flops(full.values()):.2f}", spread([r["heldout_val_loss"] for r in group]),
+                     "-" if method == "baseline" else signed_cell(versus_full), f"`{dense}`" if dense else "-",
+                     signed_cell(deltas) if deltas else "-"])
+    return table(["method", "LR", "FLOPs", "held-out loss", "minus the full model's (seeds lower)",
+                  "best dense model for its compute", "minus its loss"], rows)
+
+
+def protocol_frontier(path):
+    """auto:F and gradual stacking at F: FLOPs and held-out loss at each F, and where each first reaches
+    the full model's loss."""
+    study = load(path)
+    runs, budget = study["runs"], str(study["runs"][0]["budget"])
+    frontier, full = study["frontier"][budget], mean_flops(runs_of(runs, "baseline"))
+    rows = [[f"{float(f):g}", *(f"{mean_flops(runs_of(runs, f'{family}-{float(f):g}')) / full:.2f}: "
+                                f"{spread([r['heldout_val_loss'] for r in runs_of(runs, f'{family}-{float(f):g}')])}"
+                                for family in ("auto", "stacking"))]
+            for f in frontier["auto"]]
+    rows.append(["reaches the full model's loss " + f"({frontier['target']:.3f}) from",
+                 *("never" if frontier[f"{family}_reaches_at"] is None else f"F = {frontier[f'{family}_reaches_at']:g}"
+                   for family in ("auto", "stacking"))])
+    return table(["F", "`auto:F` (FLOPs: held-out loss)", "gradual stacking at F"], rows)
+
+
 TABLES = {
-    "study-cpu": (study_cpu, ["examples/study_cpu/results.json"]),
     "defaults": (defaults, ["examples/study_defaults/results.json", "examples/study_defaults/skip_optimizer_step.md"]),
     "adam-steps": (adam_steps, ["examples/study_adam_steps/beta2-0.95/results.json",
                                 "examples/study_adam_steps/beta2-0.999/results.json"]),
@@ -200,6 +257,9 @@ TABLES = {
     "pipeline-measured": (pipeline_measured, ["examples/benchmarks/bench_pipeline_pp2_vp1.json",
                                               "examples/benchmarks/bench_pipeline_pp2_vp2.json"]),
     "quickstart": (quickstart, list(QUICKSTART_RUNS)),
+    "depth": (depth, ["examples/study_evidence/progress.json"]),
+    "short-budget": (protocol_study, ["examples/study_short_budget/results.json"]),
+    "short-budget-frontier": (protocol_frontier, ["examples/study_short_budget/results.json"]),
 }
 
 
