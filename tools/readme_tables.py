@@ -36,6 +36,11 @@ def spread(values, signed=False):
     return f"{statistics.mean(values):{'+' if signed else ''}.3f} ± {statistics.stdev(values):.3f}"
 
 
+def signed_cell(differences):
+    """Mean ± standard deviation of same-seed differences, and in brackets the seeds where it is negative."""
+    return f"{spread(differences, signed=True)} ({sum(d < 0 for d in differences)}/{len(differences)})"
+
+
 def runs_of(runs, method, budget=None):
     return [r for r in runs if r["method"] == method and budget in (None, r.get("budget"))]
 
@@ -48,7 +53,7 @@ def loss_and_delta(runs, bold=False):
     """A study's final loss and its difference to the same seed's full model trained on the same FLOPs
     (mean ± standard deviation over seeds; in brackets the seeds where it was lower)."""
     deltas = [r["delta_vs_equal_flops"] for r in runs if r["method"] != "baseline-equal-flops"]
-    delta = f"{spread(deltas, signed=True)} ({sum(d < 0 for d in deltas)}/{len(deltas)})" if deltas else "-"
+    delta = signed_cell(deltas) if deltas else "-"
     return [spread([r["final_val_loss"] for r in runs]), f"**{delta}**" if bold and deltas else delta]
 
 
@@ -163,6 +168,8 @@ QUICKSTART_RUNS = {  # metrics file: the quickstart command that wrote it (as it
     "examples/quickstart_cpu/gpt-baseline.metrics.jsonl": "SCHEDULE= RUN_DIR=runs/baseline bash examples/quickstart_cpu.sh",
     "examples/quickstart_cpu/bert.metrics.jsonl": "MODEL=bert bash examples/quickstart_cpu.sh",
 }
+
+
 def ahead_from(full, half):
     """The evaluation from which the full model's loss stays below the other's to the end ("never": it
     does not end below)."""
@@ -172,11 +179,6 @@ def ahead_from(full, half):
         if iteration in other:
             start = (start or iteration) if loss < other[iteration] else None
     return "never" if start is None else str(start)
-
-
-def signed_cell(differences):
-    """Mean ± standard deviation of same-seed differences, and in brackets the seeds where it is negative."""
-    return f"{spread(differences, signed=True)} ({sum(d < 0 for d in differences)}/{len(differences)})"
 
 
 def depth(path):
@@ -239,11 +241,12 @@ def protocol_frontier(path):
     study = load(path)
     runs, budget = study["runs"], str(study["runs"][0]["budget"])
     frontier, full = study["frontier"][budget], mean_flops(runs_of(runs, "baseline"))
-    rows = [[f"{float(f):g}", *(f"{mean_flops(runs_of(runs, f'{family}-{float(f):g}')) / full:.2f}: "
-                                f"{spread([r['heldout_val_loss'] for r in runs_of(runs, f'{family}-{float(f):g}')])}"
-                                for family in ("auto", "stacking"))]
+    def cell(group):
+        return f"{mean_flops(group) / full:.2f}: {spread([r['heldout_val_loss'] for r in group])}"
+
+    rows = [[f"{float(f):g}", *(cell(runs_of(runs, f"{family}-{float(f):g}")) for family in ("auto", "stacking"))]
             for f in frontier["auto"]]
-    rows.append(["reaches the full model's loss " + f"({frontier['target']:.3f}) from",
+    rows.append([f"reaches the full model's loss ({frontier['target']:.3f}) from",
                  *("never" if frontier[f"{family}_reaches_at"] is None else f"F = {frontier[f'{family}_reaches_at']:g}"
                    for family in ("auto", "stacking"))])
     return table(["F", "`auto:F` (FLOPs: held-out loss)", "gradual stacking at F"], rows)

@@ -417,13 +417,12 @@ def finished_runs(runs_dir: Path, preset: Preset, methods: Sequence[str], roles:
 
 def progress_markdown(runs: List[dict], preset_name: str, plan: str) -> str:
     lines = [f"Preset `{preset_name}`: {len(runs)} runs finished; the plan: {plan}. Mean ± standard deviation over "
-             "the seeds finished; the held-out loss is evaluated for report runs alone.", "", "| role | method | iterations | lr | seeds | final val loss | held-out loss |",
-             "|---" * 7 + "|"]
+             "the seeds finished; the held-out loss is evaluated for report runs alone.", "",
+             "| role | method | iterations | lr | seeds | final val loss | held-out loss |", "|---" * 7 + "|"]
     groups: Dict[tuple, List[dict]] = {}
     for run in runs:
         groups.setdefault((run["role"], run["method"], run["iterations"], run["lr"]), []).append(run)
-    for (role, method, iters, lr), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2],
-                                                                                      item[0][3] or 0.0)):
+    for (role, method, iters, lr), group in sorted(groups.items()):
         heldout = [r["heldout_val_loss"] for r in group if "heldout_val_loss" in r]
         lines.append(f"| {role} | {method} | {iters} | {lr:g} | {' '.join(str(r['seed']) for r in group)} | "
                      f"{mean_spread([r['final_val_loss'] for r in group])} | {mean_spread(heldout)} |")
